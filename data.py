@@ -1,0 +1,184 @@
+"""CIFAR-10/100 kept on the training device as uint8, augmented and normalised on batches there.
+
+Reading the official python pickles ourselves (instead of torchvision's dataset class) means any
+folder in the official layout loads, and the whole set becomes one tensor we can move to the GPU.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    title: str
+    folder: str
+    train_files: tuple
+    test_files: tuple
+    label_key: str
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+DATASETS = {
+    "cifar10": CifarSpec(
+        "CIFAR-10", "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels", 10,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": CifarSpec(
+        "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels", 100,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists and dicts only, so a tampered data file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR file")
+        return super().find_class(module, name)
+
+
+def _read_batch(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+        images = torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
+        labels = torch.as_tensor(entry[label_key], dtype=torch.int64)
+    except Exception as e:  # any failure here means the file is not a CIFAR batch
+        raise UserError(f"{path} is not a readable CIFAR python batch ({type(e).__name__}: {e}).") from None
+    if len(labels) != len(images):
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels.")
+    return images, labels
+
+
+def _download(name, root):
+    import torchvision  # only needed here; imported late to keep start-up fast
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls(root, train=True, download=True)
+
+
+def load_cifar(name, root, download=True):
+    """Returns (train_images, train_labels, test_images, test_labels): uint8 N x 3 x 32 x 32 and int64."""
+    spec = DATASETS[name]
+    folder = os.path.join(root, spec.folder)
+    names = spec.train_files + spec.test_files
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing and download:
+        try:
+            _download(name, root)
+        except Exception:  # no network, a proxy, a full disk: all end in the same advice
+            pass
+        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(
+            f"{spec.title} is not in {folder} and could not be downloaded: put the official python "
+            f"version there ({', '.join(names)}).")
+    train = [_read_batch(os.path.join(folder, n), spec.label_key) for n in spec.train_files]
+    test = [_read_batch(os.path.join(folder, n), spec.label_key) for n in spec.test_files]
+    train_x, train_y = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
+    test_x, test_y = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
+    for labels, what in ((train_y, "training"), (test_y, "test")):
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise UserError(f"The {what} labels in {folder} are outside 0..{spec.num_classes - 1}.")
+    return train_x, train_y, test_x, test_y
+
+
+def class_balanced_split(labels, size, seed, num_classes):
+    """Indices (kept, held_out): `size` images held out, spread over classes round-robin, fixed by seed."""
+    if not 0 < size < len(labels):
+        raise UserError(f"--val-split {size} must be between 1 and {len(labels) - 1} "
+                        f"(the training set has {len(labels)} images).")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen)
+    # rank of each image among the shuffled images of its class, so that taking the lowest ranks
+    # first takes one image of every class before a second of any
+    rank = torch.empty(len(labels), dtype=torch.int64)
+    for c in range(num_classes):
+        members = order[labels[order] == c]
+        rank[members] = torch.arange(len(members))
+    key = rank * num_classes + labels
+    chosen = torch.argsort(key, stable=True)
+    return chosen[size:].sort().values, chosen[:size].sort().values
+
+
+def random_crop_flip(images, generator, padding=4):
+    """Per-image random crop of a zero-padded batch and horizontal flip with p = 0.5 (uint8 in, uint8 out)."""
+    n, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
+    flips = torch.rand(n, generator=generator, device=device) < 0.5
+    rows = offsets[:, :1] + torch.arange(h, device=device)
+    cols = offsets[:, 1:] + torch.arange(w, device=device)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=device)[:, None, None, None],
+                  torch.arange(3, device=device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Batches of a uint8 image tensor that lives on the training device.
+
+    Training loaders shuffle and augment every epoch with their own seeded generator (its state
+    is all a resumed run needs to replay the same batches); evaluation loaders do neither.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False):
+        self.images, self.labels = images, labels
+        self.batch_size, self.train = batch_size, train
+        device = images.device
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_t
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self):
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def normalize(self, images):
+        out = images.float() * self.scale + self.shift
+        return out.contiguous(memory_format=self.memory_format)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator, device=self.images.device)
+        for start in range(0, n, self.batch_size):
+            if self.train:
+                index = order[start:start + self.batch_size]
+                batch = random_crop_flip(self.images[index], self.generator)
+                yield self.normalize(batch), self.labels[index]
+            else:
+                end = start + self.batch_size
+                yield self.normalize(self.images[start:end]), self.labels[start:end]
+
+
+def make_loaders(args, device):
+    """Loads args.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
+    spec = DATASETS[args.dataset]
+    train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root)
+    if args.val_split:
+        keep, held_out = class_balanced_split(train_y, args.val_split, args.seed, spec.num_classes)
+        val_x, val_y = train_x[held_out], train_y[held_out]
+        train_x, train_y = train_x[keep], train_y[keep]
+    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std)
+    loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=args.seed, **common),
+               "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
+    if args.val_split:
+        loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
+    print(f"{spec.title} from {args.data_root}: {len(train_y)} training, "
+          f"{args.val_split} validation and {len(test_y)} test images on {device}")
+    return loaders, spec.num_classes

@@ -1,0 +1,23 @@
+import torch.nn.functional as F
+
+from .base import KDMethod, register
+
+
+def polynomial_kernel_mean(a, b):
+    """Mean of (a_i . b_j)^2 over all channel pairs (i, j) and the batch; a, b: N x C x HW."""
+    return a.bmm(b.transpose(1, 2)).pow(2).mean()
+
+
+@register("nst")
+class NeuronSelectivityTransfer(KDMethod):
+    """Squared MMD between the channels of the last stage outputs, each channel's spatial vector
+    L2-normalised, with the polynomial kernel k(x, y) = (x . y)^2 (d = 2, c = 0, as in the seed zoo)."""
+
+    paper = "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
+    features = ("stage3",)
+    default_weight = 10.0
+
+    def forward(self, student, teacher, targets):
+        s = F.normalize(student["stage3"].float().flatten(2), dim=2)
+        t = F.normalize(teacher["stage3"].float().flatten(2), dim=2)
+        return polynomial_kernel_mean(t, t) + polynomial_kernel_mean(s, s) - 2 * polynomial_kernel_mean(s, t)

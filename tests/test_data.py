@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import torch
+
+from data import DATASETS, DeviceLoader, class_balanced_split, load_cifar, random_crop_flip
+from utils import UserError
+
+
+@pytest.mark.parametrize("name,train,test,classes", [("cifar10", 200, 40, 10), ("cifar100", 200, 100, 100)])
+def test_loads_official_layout(name, train, test, classes, cifar10_root, cifar100_root):
+    root = cifar10_root if name == "cifar10" else cifar100_root
+    train_x, train_y, test_x, test_y = load_cifar(name, root, download=False)
+    assert train_x.shape == (train, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert test_x.shape == (test, 3, 32, 32) and test_y.dtype == torch.int64
+    assert set(train_y.tolist()) == set(range(classes))
+    assert DATASETS[name].num_classes == classes
+
+
+def test_pixels_keep_the_official_plane_order(tmp_path):
+    """Row of 3072 bytes = R plane, G plane, B plane, each 32x32 row-major."""
+    import pickle
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    row = np.arange(3072) % 251
+    for split in ("train", "test"):
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": np.stack([row, row]).astype(np.uint8), "fine_labels": [3, 99]}, f)
+    x, y, _, _ = load_cifar("cifar100", str(tmp_path), download=False)
+    assert x[0, 1, 2, 5] == (1024 + 2 * 32 + 5) % 251  # G plane, row 2, column 5
+    assert y.tolist() == [3, 99]
+
+
+def test_missing_data_names_the_folder(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+def test_file_that_would_run_code_is_refused(tmp_path, cifar10_root):
+    import os
+    import pickle
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(cifar10_root, root)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f)
+    with pytest.raises(UserError, match="test_batch"):
+        load_cifar("cifar10", str(root), download=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def position_images(n):
+    """Channel 0 holds row + 1, channel 1 column + 1 (so zero only appears in the padding)."""
+    rows = torch.arange(1, 33, dtype=torch.uint8).view(32, 1).expand(32, 32)
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0], images[:, 1], images[:, 2] = rows, rows.t(), 255
+    return images
+
+
+def offsets_and_flips(crops):
+    """Recovers each crop's (row offset, column offset) in 0..8 and its flip from position_images."""
+    centre_row = crops[:, 0, 16, 16].long() - 1          # = dy + 16 - 4
+    cols = crops[:, 1, 16].long()
+    flipped = cols[:, 17] < cols[:, 16]
+    # column of crop position 16: dx + 12 unflipped; flipped, position 16 shows column dx + 31 - 16 - 4
+    dx = torch.where(flipped, crops[:, 1, 16, 16].long() - 1 - 11, crops[:, 1, 16, 16].long() - 1 - 12)
+    return torch.stack([centre_row - 12, dx], 1), flipped
+
+
+def test_crop_offsets_and_flips_are_uniform_and_independent():
+    gen = torch.Generator().manual_seed(0)
+    crops = random_crop_flip(position_images(18_000), gen)
+    assert crops.shape == (18_000, 3, 32, 32) and crops.dtype == torch.uint8
+    offsets, flips = offsets_and_flips(crops)
+    assert offsets.min() == 0 and offsets.max() == 8
+    for axis in (0, 1):
+        freq = torch.bincount(offsets[:, axis], minlength=9).float() / len(offsets)
+        assert torch.allclose(freq, torch.full((9,), 1 / 9), atol=0.012), freq
+    assert abs(flips.float().mean() - 0.5) < 0.015
+    # independence: the joint of (dy, dx, flip) is close to the product of the marginals
+    joint = torch.bincount(offsets[:, 0] * 18 + offsets[:, 1] * 2 + flips.long(), minlength=162).float()
+    assert joint.min() > 0.5 * len(offsets) / 162 and joint.max() < 1.5 * len(offsets) / 162
+
+
+def test_padding_is_zero_in_pixel_space_and_images_differ_in_a_batch():
+    gen = torch.Generator().manual_seed(1)
+    crops = random_crop_flip(position_images(64), gen)
+    offsets, flips = offsets_and_flips(crops)
+    assert len({tuple(o) for o in offsets.tolist()}) > 20 and 0 < flips.sum() < 64
+    for crop, (dy, dx), flip in zip(crops, offsets.tolist(), flips.tolist()):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[max(0, 4 - dy):min(32, 36 - dy), max(0, 4 - dx):min(32, 36 - dx)] = True
+        if flip:
+            inside = inside.flip(1)
+        assert (crop[:, ~inside] == 0).all()      # padding: exactly zero in every channel
+        assert (crop[2, inside] == 255).all()     # image: untouched
+
+
+def test_training_loader_is_seeded_and_normalises():
+    images, labels = position_images(100), torch.arange(100) % 10
+    mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
+
+    def epoch(seed):
+        loader = DeviceLoader(images, labels, 32, mean, std, train=True, seed=seed)
+        return [(x.clone(), y.clone()) for x, y in loader]
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    assert [len(y) for _, y in a] == [32, 32, 32, 4]
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][1], c[0][1])
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == sorted(labels.tolist())
+    # padding (pixel 0) normalises to -mean/std per channel
+    x = a[0][0]
+    zero_level = torch.tensor([-m / s for m, s in zip(mean, std)])
+    assert torch.isclose(x.amin((0, 2, 3)), zero_level, atol=1e-5).all()
+
+
+def test_evaluation_loader_is_not_augmented():
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(70) % 10
+    mean, std = DATASETS["cifar100"].mean, DATASETS["cifar100"].std
+    loader = DeviceLoader(images, labels, 32, mean, std, train=False)
+    x = torch.cat([b for b, _ in loader])
+    y = torch.cat([t for _, t in loader])
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(y, labels)
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_val_split_is_class_balanced_disjoint_and_seeded():
+    labels = torch.arange(1000) % 10
+    keep, held = class_balanced_split(labels, 95, seed=3, num_classes=10)
+    assert len(keep) == 905 and len(held) == 95
+    assert not set(keep.tolist()) & set(held.tolist())
+    counts = torch.bincount(labels[held], minlength=10)
+    assert counts.max() - counts.min() <= 1
+    again, _ = class_balanced_split(labels, 95, seed=3, num_classes=10)
+    other, _ = class_balanced_split(labels, 95, seed=4, num_classes=10)
+    assert torch.equal(keep, again) and not torch.equal(keep, other)
+    with pytest.raises(UserError, match="--val-split"):
+        class_balanced_split(labels, 1000, seed=0, num_classes=10)

@@ -1,0 +1,124 @@
+import csv
+import os
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_script
+from data import DATASETS, DeviceLoader
+from engine import Distiller, build_optimizer, train_one_epoch
+from kd_losses import METHODS, build_method
+from models import build_model
+
+KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", "cpu")
+
+
+def kd_args(method):
+    return KD_TINY + (("--ft-epochs", 1) if method == "ft" else ())
+
+
+@pytest.fixture(scope="module")
+def teacher(cifar10_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--model", "resnet14",
+               "--epochs", 1, "--batch-size", 32)
+    return str(out / "best.pt")
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_end_to_end(method, teacher, cifar10_root, tmp_path):
+    out = str(tmp_path / "run")
+    teacher_bytes = open(teacher, "rb").read()
+    proc = run_script("train_kd.py", "--teacher", teacher, "--method", method, "--data-root", cifar10_root,
+                      "--output-dir", out, *kd_args(method))
+    assert "teacher resnet14" in proc.stdout and proc.stdout.count("test top1") >= 2
+    expected_files = {"args.json", "best.pt", "last.pt", "metrics.csv"} | ({"stage.pt"} if method == "ft" else set())
+    assert set(os.listdir(out)) == expected_files
+    (row,) = rows(out)
+    kd_columns = [k for k in row if k.startswith("train_kd")]
+    assert "train_ce" in row and kd_columns
+    total = float(row["train_ce"]) + sum(float(row[k]) for k in kd_columns)
+    assert total == pytest.approx(float(row["train_loss"]), rel=1e-5)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["kd"]["method"] == method and ckpt["kd"]["kd_weight"] == METHODS[method].default_weight
+    assert set(METHODS[method].hyperparameters) <= set(ckpt["kd"]) and ckpt["teacher"]["arch"] == "resnet14"
+    assert open(teacher, "rb").read() == teacher_bytes
+
+
+def test_ft_stage_runs_once_and_is_reused(teacher, cifar10_root, tmp_path):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    # a teacher of its own, so that no other test's stage cache is found
+    own_teacher = tmp_path / "teacher.pt"
+    own_teacher.write_bytes(open(teacher, "rb").read())
+    p1 = run_script("train_kd.py", "--teacher", own_teacher, "--method", "ft", "--data-root", cifar10_root,
+                    "--output-dir", first, *kd_args("ft"))
+    p2 = run_script("train_kd.py", "--teacher", own_teacher, "--method", "ft", "--data-root", cifar10_root,
+                    "--output-dir", second, *kd_args("ft"))
+    assert "paraphraser epoch 1/1" in p1.stdout and "paraphraser" not in p2.stdout
+    assert "loaded its result" in p2.stdout
+    assert [f for f in os.listdir(tmp_path) if f.startswith("stage-ft-")]
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (first, second))
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_root, tmp_path):
+    """The student starts from the baseline's weights and sees the baseline's batches, so with the
+    KD term switched off the two runs are the same run."""
+    base, kd = str(tmp_path / "base"), str(tmp_path / "kd")
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", base, "--model", "resnet8",
+               "--epochs", 2, "--batch-size", 32, "--seed", 7)
+    run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--kd-weight", 0, "--data-root",
+               cifar10_root, "--output-dir", kd, "--student", "resnet8", "--epochs", 2, "--batch-size", 32,
+               "--seed", 7, "--ft-epochs", 1)
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True)["model"] for d in (base, kd))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["test_top1"] for r in rows(base)] == [r["test_top1"] for r in rows(kd)]
+
+
+def test_teacher_is_never_updated():
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet8", 10), build_model("resnet14", 10)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    spec = DATASETS["cifar10"]
+    loader = DeviceLoader(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10,
+                          32, spec.mean, spec.std, train=True)
+    for name, cls in METHODS.items():
+        hparams = {k: v for k, (v, _) in cls.hyperparameters.items()}
+        task = Distiller(student, teacher, build_method(name, hparams, student, teacher), 1.0, cls.default_weight)
+        optimizer, _ = build_optimizer(task, type("Args", (), dict(lr=0.1, momentum=0.9, nesterov=True,
+                                                                   weight_decay=1e-4, lr_milestones=[1],
+                                                                   lr_gamma=0.1)))
+        train_one_epoch(task, loader, optimizer)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert "teacher" not in dict(task.named_children())
+        assert all(not k.startswith("teacher") for k in task.state_dict())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running statistics included
+
+
+def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
+    out = tmp_path / "run"
+    common = ("--data-root", cifar10_root, "--output-dir", out, "--method", "st", "--epochs", 1)
+    assert_user_error(run_script("train_kd.py", "--teacher", tmp_path / "nope.pt", *common, check=False),
+                      "nope.pt", "does not exist")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(open(teacher, "rb").read()[:5000])
+    assert_user_error(run_script("train_kd.py", "--teacher", corrupt, *common, check=False),
+                      "corrupt.pt", "not a loadable checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    assert_user_error(run_script("train_kd.py", "--teacher", foreign, *common, check=False),
+                      "not a checkpoint written by train_base.py")
+    assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common, "--dataset", "cifar100",
+                                 check=False), "trained on cifar10, not on cifar100")
+    assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common[:-4], "--method", "xyz",
+                                 check=False), "invalid choice", "xyz")
+    assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common, "--ft-k", 0.25, check=False),
+                      "--ft-k belongs to --method ft")
+    assert not out.exists()

@@ -1,0 +1,123 @@
+"""Distil a CIFAR teacher checkpoint (written by train_base.py) into a student with one KD method.
+
+    python train_kd.py --teacher runs/cifar10-resnet110-seed0/best.pt --student resnet20 --method st
+
+Takes every flag of train_base.py (--model is called --student here) plus the ones below. The
+teacher's architecture, class count and data set come from its checkpoint.
+"""
+import argparse
+import hashlib
+import json
+import os
+
+from data import DATASETS, make_loaders
+from engine import Distiller, build_optimizer, evaluate, fit
+from kd_losses import METHODS, add_method_args, build_method, resolve_method_args
+from models import build_model
+from train_base import get_args_parser as get_base_parser
+from train_base import resolve_recipe
+from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, load_checkpoint, load_weights, non_negative_float,
+                   prepare_output_dir, resolve_device, run_main, save_atomic, set_seed, write_json)
+
+
+def get_args_parser():
+    base = get_base_parser(add_help=False, model_flag="--student")
+    parser = argparse.ArgumentParser(description="Train a student with a KD loss from a teacher checkpoint.",
+                                     parents=[base], allow_abbrev=False,
+                                     formatter_class=HelpFormatter)
+    parser.set_defaults(dataset=None)  # None: the teacher's data set
+    parser.add_argument("--teacher", required=True, help="checkpoint written by train_base.py")
+    parser.add_argument("--method", choices=list(METHODS), required=True, help="KD method (see README)")
+    parser.add_argument("--kd-weight", type=non_negative_float,
+                        help="weight of the KD loss (default: the method's own, see README)")
+    parser.add_argument("--ce-weight", type=non_negative_float, default=1.0,
+                        help="weight of the cross-entropy loss")
+    add_method_args(parser)
+    return parser
+
+
+def load_teacher(args, device):
+    """Builds the teacher from its checkpoint and checks it against --dataset (filled in if left out)."""
+    ckpt = load_checkpoint(args.teacher)
+    if args.dataset is None:
+        args.dataset = ckpt["dataset"]
+    if ckpt["dataset"] != args.dataset:
+        raise UserError(f"The teacher {args.teacher} was trained on {ckpt['dataset']}, not on {args.dataset}.")
+    if ckpt["num_classes"] != DATASETS[args.dataset].num_classes:
+        raise UserError(f"The teacher {args.teacher} has {ckpt['num_classes']} classes but "
+                        f"{args.dataset} has {DATASETS[args.dataset].num_classes}.")
+    teacher = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection"))
+    load_weights(teacher, ckpt["model"], f"The teacher checkpoint {args.teacher}")
+    return teacher.to(device), ckpt
+
+
+def run_stage(task, loader, args):
+    """Runs the method's stage before training (FT's paraphraser), or loads its result when the
+    same teacher, student, seed and settings already produced it; saves it in the output folder
+    and, where that folder is writable, beside the teacher for the next run."""
+    with open(args.teacher, "rb") as f:
+        teacher_digest = hashlib.sha256(f.read()).hexdigest()
+    key = {k: getattr(args, k) for k in ("method", "model", "seed", "dataset", "val_split", "batch_size",
+                                          *METHODS[args.method].hyperparameters)}
+    key["teacher_sha256"] = teacher_digest
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.teacher)), f"stage-{args.method}-{digest}.pt")
+    if os.path.exists(cache):
+        load_weights(task.method, load_checkpoint(cache)["method"], f"The stage result {cache}")
+        print(f"{args.method} stage: loaded its result from {cache}")
+    else:
+        data_state = loader.generator.get_state()
+        task.method.train_stage(task.teacher_outputs, loader)
+        loader.generator.set_state(data_state)  # the student then sees the batches it would without a stage
+    result = {"format": CHECKPOINT_FORMAT, "key": key, "method": task.method.state_dict()}
+    save_atomic(result, os.path.join(args.output_dir, "stage.pt"))
+    if not os.path.exists(cache):
+        try:
+            save_atomic(result, cache)
+            print(f"{args.method} stage: result saved to {cache} for later runs")
+        except UserError:
+            print(f"{args.method} stage: the teacher's folder is not writable, so the result is kept "
+                  f"only in {args.output_dir}")
+
+
+def main(args):
+    device = resolve_device(args.device)
+    teacher, teacher_ckpt = load_teacher(args, device)
+    resolve_recipe(args)
+    hparams = resolve_method_args(args)
+    if args.kd_weight is None:
+        args.kd_weight = METHODS[args.method].default_weight
+    args.teacher_arch = teacher_ckpt["arch"]
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.dataset}-{args.method}-{args.teacher_arch}-to-"
+                                               f"{args.model}-seed{args.seed}")
+    set_seed(args.seed)
+    num_classes = DATASETS[args.dataset].num_classes
+    # built first after seeding, exactly as in train_base.py, so it starts from the baseline's weights
+    student = build_model(args.model, num_classes, args.shortcut).to(device)
+    try:
+        method = build_method(args.method, hparams, student, teacher).to(device)
+    except ValueError as e:
+        raise UserError(f"--method {args.method} cannot pair {args.teacher_arch} with {args.model}: {e}.") from None
+    task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
+    loaders, _ = make_loaders(args, device)
+    prepare_output_dir(args.output_dir)
+    write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+
+    teacher_test = evaluate(task.teacher, loaders["test"])
+    print(f"teacher {args.teacher_arch} ({args.teacher}): test top1 {teacher_test['top1']:.2f} "
+          f"top5 {teacher_test['top5']:.2f}")
+    print(f"method {args.method}: kd weight {args.kd_weight}, ce weight {args.ce_weight}, {hparams}")
+    if method.has_stage:
+        run_stage(task, loaders["train"], args)
+
+    optimizer, scheduler = build_optimizer(task, args)
+    info = {"arch": args.model, "num_classes": num_classes, "shortcut": args.shortcut, "dataset": args.dataset,
+            "config": vars(args), "kd": {"method": args.method, "kd_weight": args.kd_weight,
+                                         "ce_weight": args.ce_weight, **hparams},
+            "teacher": {"path": args.teacher, "arch": args.teacher_arch, "test_top1": teacher_test["top1"]}}
+    fit(task, optimizer, scheduler, loaders, args, info)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(get_args_parser().parse_args()))
