@@ -81,6 +81,8 @@ def load_cifar(name, root, download=True):
         except Exception:  # no network, a proxy, a full disk: all end in the same advice
             pass
         missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing and os.path.isfile(os.path.join(root, names[0])):
+        raise UserError(f"{root} holds the {spec.title} files themselves: pass the folder above it as --data-root.")
     if missing:
         raise UserError(
             f"{spec.title} is not in {folder} and could not be downloaded: put the official python "

@@ -5,15 +5,21 @@ terms maps a name ('ce', 'kd', ...) to a weighted scalar loss; the optimised los
 Supervised is plain cross-entropy; Distiller adds a teacher and a KD method. Everything the task
 owns (student, connectors, translators) is trained and checkpointed; the teacher is not.
 """
-import math
 import os
+import shlex
+import signal
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import CHECKPOINT_FORMAT, UserError, append_csv_row, progress_bar, save_atomic
+from utils import (CHECKPOINT_FORMAT, UserError, append_csv_row, load_weights, progress_bar, save_atomic, unwrap,
+                   write_csv)
+
+CHECK_EVERY = 50  # steps between looks at the loss on an accelerator
+RESUME_ONLY = ("optimizer", "scheduler", "rng", "history")  # in last.pt, not in best.pt
 
 
 class Supervised(nn.Module):
@@ -74,12 +80,46 @@ def build_optimizer(task, args):
     return optimizer, scheduler
 
 
-def train_one_epoch(task, loader, optimizer, desc="train"):
-    """One pass over the loader. Sums stay on the device and are read once, at the end."""
+class Interrupted(Exception):
+    """Raised between two steps after SIGINT or SIGTERM."""
+
+
+class Diverged(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set `signum`; the loop stops at the next step. A
+    second signal gets the previous handler (Ctrl-C twice still kills at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train_one_epoch(task, loader, optimizer, desc="train", stop=None):
+    """One pass over the loader. Sums stay on the device and are read once, at the end; the first
+    non-finite loss is recorded on the device too and looked at every step on the CPU, every
+    `CHECK_EVERY` steps elsewhere (a look is a host synchronisation)."""
     task.train()
     sums, correct, seen = {}, 0, 0
+    first_bad_step = torch.tensor(-1, device=loader.labels.device)
+    check_every = 1 if loader.labels.device.type == "cpu" else CHECK_EVERY
     bar = progress_bar(loader, desc)
-    for step, (images, targets) in enumerate(bar):
+    for step, (images, targets) in enumerate(bar, start=1):
         logits, terms = task(images, targets)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
@@ -90,8 +130,14 @@ def train_one_epoch(task, loader, optimizer, desc="train"):
             sums[name] = sums.get(name, 0.0) + value.detach() * n
         correct = correct + (logits.argmax(1) == targets).sum()
         seen += n
-        if not bar.disable and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+        if step % check_every == 0 or step == len(loader):
+            if first_bad_step >= 0:
+                raise Diverged(int(first_bad_step))
+            if not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop is not None and stop.signum is not None:
+            raise Interrupted
     stats = {name: (value / seen).item() for name, value in sums.items()}
     stats["top1"] = 100.0 * int(correct) / seen
     return stats
@@ -115,62 +161,125 @@ def evaluate(model, loader):
 
 def _extra_state(task):
     """What the task owns beyond the student (a KD method's learnable parts), by state-dict key."""
-    return {k: v for k, v in task.state_dict().items() if not k.startswith("student.")}
+    return {k: v for k, v in unwrap(task).state_dict().items() if not k.startswith("student.")}
 
 
-def fit(task, optimizer, scheduler, loaders, args, checkpoint_info):
+def _rng_state(loader):
+    state = {"torch": torch.get_rng_state(), "data": loader.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(task, optimizer, scheduler, loader, ckpt, path):
+    """Puts a last.pt back: weights (strictly), optimizer, LR schedule and every random generator."""
+    load_weights(task, {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **ckpt["method"]},
+                 f"The checkpoint {path}")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        loader.generator.set_state(ckpt["rng"]["data"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"The checkpoint {path} cannot be resumed ({type(e).__name__}: {e}).") from None
+
+
+def resume_command(path):
+    """The command line that resumes this run from `path`, for messages."""
+    argv, skip = [], False
+    for arg in sys.argv:
+        if skip or arg == "--resume":
+            skip = not skip
+            continue
+        if not arg.startswith("--resume="):
+            argv.append(arg)
+    return " ".join(shlex.quote(a) for a in ["python", *argv, "--resume", path])
+
+
+def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None):
     """The epoch loop: train, step the LR, evaluate, log a row of metrics.csv, keep last.pt and best.pt.
 
     loaders: dict with 'train', 'test' and optionally 'val'. The best epoch is chosen on the
     validation split when one is held out, else on the test set (and the checkpoint says which).
     checkpoint_info: plain-typed fields stored in every checkpoint (architecture, classes, ...).
+    resume: (checkpoint, path) of a last.pt to continue from, or None.
     """
     student = task.student
     selected_on = "val" if "val" in loaders else "test"
     metrics_path = os.path.join(args.output_dir, "metrics.csv")
-    best = {"top1": -1.0, "epoch": 0}
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(task, loaders["train"], optimizer, desc=f"epoch {epoch}/{args.epochs}")
-        if not all(math.isfinite(v) for v in train.values()):
-            raise UserError(f"The training loss became non-finite in epoch {epoch}; the last checkpoint "
-                            f"is kept. Try a lower --lr or a lower KD weight.")
-        scheduler.step()
-        test = evaluate(student, loaders["test"])
-        val = evaluate(student, loaders["val"]) if "val" in loaders else None
-        seconds = time.perf_counter() - start
+    last_path = os.path.join(args.output_dir, "last.pt")
+    history, best, first_epoch = [], {"top1": -1.0, "epoch": 0}, 1
+    if resume is not None:
+        ckpt, path = resume
+        _restore(task, optimizer, scheduler, loaders["train"], ckpt, path)
+        history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
+        best = {"top1": ckpt["best_top1"], "epoch": ckpt["best_epoch"]}
+        write_csv(history, metrics_path)  # drops any row written after that checkpoint
+        print(f"resumed from {path} after epoch {ckpt['epoch']}")
+    test = None
+    with StopOnSignal() as stop:
+        for epoch in range(first_epoch, args.epochs + 1):
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train = train_one_epoch(task, loaders["train"], optimizer, f"epoch {epoch}/{args.epochs}", stop)
+            except Diverged as e:
+                raise UserError(
+                    f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
+                    f"stopped and {last_path} still holds the last good epoch; check --lr and the KD "
+                    f"weights.") from None
+            except Interrupted:
+                name = signal.Signals(stop.signum).name
+                if epoch == 1:
+                    print(f"{name} in epoch 1: no epoch completed, nothing to resume.", file=sys.stderr)
+                else:
+                    print(f"{name} in epoch {epoch}: {last_path} holds epoch {epoch - 1}; resume with:\n"
+                          f"  {resume_command(last_path)}", file=sys.stderr)
+                sys.exit(128 + stop.signum)
+            scheduler.step()
+            test = evaluate(student, loaders["test"])
+            val = evaluate(student, loaders["val"]) if "val" in loaders else None
+            seconds = time.perf_counter() - start
 
-        row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"]}
-        row.update({f"train_{name}": train[name] for name in train if name not in ("loss", "top1")})
-        row.update({"train_top1": train["top1"], "test_loss": test["loss"], "test_top1": test["top1"],
-                    "test_top5": test["top5"]})
-        if val is not None:
-            row["val_top1"] = val["top1"]
-        row["seconds"] = round(seconds, 3)
-        append_csv_row(row, metrics_path)
+            row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"]}
+            row.update({f"train_{name}": train[name] for name in train if name not in ("loss", "top1")})
+            row.update({"train_top1": train["top1"], "test_loss": test["loss"], "test_top1": test["top1"],
+                        "test_top5": test["top5"]})
+            if val is not None:
+                row["val_top1"] = val["top1"]
+            row["seconds"] = round(seconds, 3)
+            history.append(row)
 
-        score = (val or test)["top1"]
-        improved = score > best["top1"]
-        if improved:
-            best = {"top1": score, "epoch": epoch}
-        terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in row.items()
-                         if k.startswith("train_") and k not in ("train_loss", "train_top1"))
-        print(f"epoch {epoch:3d}/{args.epochs} lr {lr:.4g} | train loss {train['loss']:.4f} ({terms}) "
-              f"top1 {train['top1']:.2f} | test loss {test['loss']:.4f} top1 {test['top1']:.2f} "
-              f"top5 {test['top5']:.2f}" + (f" | val top1 {val['top1']:.2f}" if val else "")
-              + f" | {seconds:.1f}s" + (" *" if improved else ""), flush=True)
+            score = (val or test)["top1"]
+            improved = score > best["top1"]
+            if improved:
+                best = {"top1": score, "epoch": epoch}
+            terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in row.items()
+                             if k.startswith("train_") and k not in ("train_loss", "train_top1"))
+            print(f"epoch {epoch:3d}/{args.epochs} lr {lr:.4g} | train loss {train['loss']:.4f} ({terms}) "
+                  f"top1 {train['top1']:.2f} | test loss {test['loss']:.4f} top1 {test['top1']:.2f} "
+                  f"top5 {test['top5']:.2f}" + (f" | val top1 {val['top1']:.2f}" if val else "")
+                  + f" | {seconds:.1f}s" + (" *" if improved else ""), flush=True)
 
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT, **checkpoint_info, "epoch": epoch,
-            "model": student.state_dict(), "method": _extra_state(task),
-            "test_top1": test["top1"], "test_top5": test["top5"],
-            "val_top1": None if val is None else val["top1"],
-            "best_top1": best["top1"], "best_epoch": best["epoch"], "selected_on": selected_on,
-        }
-        if improved:
-            save_atomic(checkpoint, os.path.join(args.output_dir, "best.pt"))
-        save_atomic(checkpoint, os.path.join(args.output_dir, "last.pt"))
+            checkpoint = {
+                "format": CHECKPOINT_FORMAT, **checkpoint_info, "epoch": epoch,
+                "model": unwrap(student).state_dict(), "method": _extra_state(task),
+                "test_top1": test["top1"], "test_top5": test["top5"],
+                "val_top1": None if val is None else val["top1"],
+                "best_top1": best["top1"], "best_epoch": best["epoch"], "selected_on": selected_on,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(loaders["train"]), "history": history,
+            }
+            if improved:
+                save_atomic({k: v for k, v in checkpoint.items() if k not in RESUME_ONLY},
+                            os.path.join(args.output_dir, "best.pt"))
+            save_atomic(checkpoint, last_path)
+            append_csv_row(row, metrics_path)
+    if test is None:
+        print(f"nothing to do: {last_path} already holds epoch {first_epoch - 1} of {args.epochs}")
+        return None, best
     print(f"done: last epoch test top1 {test['top1']:.2f}; best epoch {best['epoch']} "
           f"({selected_on} top1 {best['top1']:.2f}) saved to {os.path.join(args.output_dir, 'best.pt')}")
     return test, best

@@ -10,8 +10,9 @@ import os
 from data import DATASETS, make_loaders
 from engine import Supervised, build_optimizer, fit
 from models import MODELS, SHORTCUTS, build_model
-from utils import (HelpFormatter, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
-                   prepare_output_dir, resolve_device, run_main, set_seed, write_json)
+from utils import (HelpFormatter, UserError, adopt_config, find_resume, fraction, non_negative_float,
+                   non_negative_int, parse_args, positive_float, positive_int, prepare_output_dir,
+                   resolve_device, run_main, set_seed, write_json)
 
 # Per data set: CIFAR-10 as in He et al. 2016 (the seed zoo), CIFAR-100 as in the CRD benchmark.
 RECIPES = {
@@ -43,7 +44,7 @@ def get_args_parser(add_help=True, model_flag="--model"):
     recipe_flag("--lr-milestones", "epochs after which the LR is multiplied by --lr-gamma; with --epochs "
                 "alone, the recipe's scaled to it", type=positive_int, nargs="+")
     recipe.add_argument("--lr-gamma", type=positive_float, default=0.1, help="LR decay factor at each milestone")
-    recipe_flag("--momentum", "SGD momentum", type=non_negative_float)
+    recipe_flag("--momentum", "SGD momentum", type=fraction)
     recipe_flag("--weight-decay", "L2 weight decay", type=non_negative_float)
     recipe_flag("--nesterov", "Nesterov momentum", action=argparse.BooleanOptionalAction)
     parser.add_argument("--seed", type=non_negative_int, default=0, help="fixes every random source")
@@ -56,6 +57,8 @@ def get_args_parser(add_help=True, model_flag="--model"):
                                              "named after the data set, model(s) and seed)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else the CPU")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue the run in this last.pt; auto: the one in --output-dir, if any")
     return parser
 
 
@@ -74,23 +77,27 @@ def resolve_recipe(args):
     return args
 
 
-def main(args):
-    resolve_recipe(args)
-    device = resolve_device(args.device)
+def main(args, given):
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{args.model}-seed{args.seed}")
+    resume = find_resume(args, "base")
+    if resume:
+        adopt_config(args, resume[0]["config"], given, resume[1], resume[0]["epoch"])
+    else:
+        resolve_recipe(args)
+    device = resolve_device(args.device)
     set_seed(args.seed)
     model = build_model(args.model, DATASETS[args.dataset].num_classes, args.shortcut).to(device)
     loaders, num_classes = make_loaders(args, device)
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, resuming=resume is not None)
     write_json(vars(args), os.path.join(args.output_dir, "args.json"))
 
     task = Supervised(model)
     optimizer, scheduler = build_optimizer(task, args)
     info = {"arch": args.model, "num_classes": num_classes, "shortcut": args.shortcut,
             "dataset": args.dataset, "config": vars(args)}
-    fit(task, optimizer, scheduler, loaders, args, info)
+    fit(task, optimizer, scheduler, loaders, args, info, resume)
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(get_args_parser().parse_args()))
+    run_main(lambda: main(*parse_args(get_args_parser())))

@@ -16,8 +16,9 @@ from kd_losses import METHODS, add_method_args, build_method, resolve_method_arg
 from models import build_model
 from train_base import get_args_parser as get_base_parser
 from train_base import resolve_recipe
-from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, load_checkpoint, load_weights, non_negative_float,
-                   prepare_output_dir, resolve_device, run_main, save_atomic, set_seed, write_json)
+from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, find_resume, load_checkpoint,
+                   load_weights, non_negative_float, parse_args, prepare_output_dir, resolve_device, run_main,
+                   save_atomic, set_seed, write_json)
 
 
 def get_args_parser():
@@ -36,11 +37,8 @@ def get_args_parser():
     return parser
 
 
-def load_teacher(args, device):
-    """Builds the teacher from its checkpoint and checks it against --dataset (filled in if left out)."""
-    ckpt = load_checkpoint(args.teacher)
-    if args.dataset is None:
-        args.dataset = ckpt["dataset"]
+def load_teacher(args, ckpt, device):
+    """Builds the teacher from its checkpoint after checking it against --dataset."""
     if ckpt["dataset"] != args.dataset:
         raise UserError(f"The teacher {args.teacher} was trained on {ckpt['dataset']}, not on {args.dataset}.")
     if ckpt["num_classes"] != DATASETS[args.dataset].num_classes:
@@ -48,18 +46,20 @@ def load_teacher(args, device):
                         f"{args.dataset} has {DATASETS[args.dataset].num_classes}.")
     teacher = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection"))
     load_weights(teacher, ckpt["model"], f"The teacher checkpoint {args.teacher}")
-    return teacher.to(device), ckpt
+    return teacher.to(device)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def run_stage(task, loader, args):
     """Runs the method's stage before training (FT's paraphraser), or loads its result when the
     same teacher, student, seed and settings already produced it; saves it in the output folder
     and, where that folder is writable, beside the teacher for the next run."""
-    with open(args.teacher, "rb") as f:
-        teacher_digest = hashlib.sha256(f.read()).hexdigest()
     key = {k: getattr(args, k) for k in ("method", "model", "seed", "dataset", "val_split", "batch_size",
-                                          *METHODS[args.method].hyperparameters)}
-    key["teacher_sha256"] = teacher_digest
+                                          "teacher_sha256", *METHODS[args.method].hyperparameters)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(os.path.dirname(os.path.abspath(args.teacher)), f"stage-{args.method}-{digest}.pt")
     if os.path.exists(cache):
@@ -80,17 +80,28 @@ def run_stage(task, loader, args):
                   f"only in {args.output_dir}")
 
 
-def main(args):
-    device = resolve_device(args.device)
-    teacher, teacher_ckpt = load_teacher(args, device)
-    resolve_recipe(args)
-    hparams = resolve_method_args(args)
-    if args.kd_weight is None:
-        args.kd_weight = METHODS[args.method].default_weight
+def main(args, given):
+    teacher_ckpt = load_checkpoint(args.teacher)
+    if args.dataset is None:
+        args.dataset = teacher_ckpt["dataset"]
     args.teacher_arch = teacher_ckpt["arch"]
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{args.method}-{args.teacher_arch}-to-"
                                                f"{args.model}-seed{args.seed}")
+    resume = find_resume(args, "kd")
+    if resume:
+        adopt_config(args, resume[0]["config"], given, resume[1], resume[0]["epoch"])
+    else:
+        resolve_recipe(args)
+    hparams = resolve_method_args(args)
+    if args.kd_weight is None:
+        args.kd_weight = METHODS[args.method].default_weight
+    digest = file_sha256(args.teacher)
+    if resume and digest != args.teacher_sha256:
+        raise UserError(f"{args.teacher} is not the teacher of the run in {resume[1]} (its contents differ).")
+    args.teacher_sha256 = digest
+    device = resolve_device(args.device)
+    teacher = load_teacher(args, teacher_ckpt, device)
     set_seed(args.seed)
     num_classes = DATASETS[args.dataset].num_classes
     # built first after seeding, exactly as in train_base.py, so it starts from the baseline's weights
@@ -101,14 +112,14 @@ def main(args):
         raise UserError(f"--method {args.method} cannot pair {args.teacher_arch} with {args.model}: {e}.") from None
     task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
     loaders, _ = make_loaders(args, device)
-    prepare_output_dir(args.output_dir)
+    prepare_output_dir(args.output_dir, resuming=resume is not None)
     write_json(vars(args), os.path.join(args.output_dir, "args.json"))
 
     teacher_test = evaluate(task.teacher, loaders["test"])
     print(f"teacher {args.teacher_arch} ({args.teacher}): test top1 {teacher_test['top1']:.2f} "
           f"top5 {teacher_test['top5']:.2f}")
     print(f"method {args.method}: kd weight {args.kd_weight}, ce weight {args.ce_weight}, {hparams}")
-    if method.has_stage:
+    if method.has_stage and not resume:  # a resumed run gets the stage's result from last.pt
         run_stage(task, loaders["train"], args)
 
     optimizer, scheduler = build_optimizer(task, args)
@@ -116,8 +127,8 @@ def main(args):
             "config": vars(args), "kd": {"method": args.method, "kd_weight": args.kd_weight,
                                          "ce_weight": args.ce_weight, **hparams},
             "teacher": {"path": args.teacher, "arch": args.teacher_arch, "test_top1": teacher_test["top1"]}}
-    fit(task, optimizer, scheduler, loaders, args, info)
+    fit(task, optimizer, scheduler, loaders, args, info, resume)
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(get_args_parser().parse_args()))
+    run_main(lambda: main(*parse_args(get_args_parser())))

@@ -82,6 +82,13 @@ def non_negative_float(text):
     return value
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
     tmp = f"{path}.tmp"
@@ -111,6 +118,18 @@ def load_checkpoint(path):
     return ckpt
 
 
+def unwrap(module):
+    """The plain module inside torch.compile's and DistributedDataParallel's wrappers, so that
+    saved keys never carry their '_orig_mod.' or 'module.' prefixes."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
 def load_weights(module, state_dict, what):
     """Strict load that names the first mismatching key instead of PyTorch's multi-line report."""
     own = module.state_dict()
@@ -134,9 +153,22 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+def write_csv(rows, path):
+    """Writes all rows at once, atomically (resume rewrites metrics.csv from the checkpoint's history)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def append_csv_row(row, path):
     """Appends one row (writing the header first for a new file) and syncs it to disk."""
-    new = not os.path.exists(path)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
         if new:
@@ -146,10 +178,61 @@ def append_csv_row(row, path):
         os.fsync(f.fileno())
 
 
-def prepare_output_dir(path):
+def parse_args(parser):
+    """parse_args(), plus the set of flags the user actually typed (resume compares only those)."""
+    args = parser.parse_args()
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    typed = parser.parse_args(namespace=argparse.Namespace(**{key: unset for key in vars(args)}))
+    return args, {key for key, value in vars(typed).items() if value is not unset}
+
+
+# flags that may differ from the run being resumed: they change where or how long, not what
+HARMLESS_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher")
+
+
+def find_resume(args, kind):
+    """The (checkpoint, path) that --resume names, or None. kind: 'base' or 'kd', the script's."""
+    if args.resume is None:
+        return None
+    path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(path):
+        print(f"--resume auto: {path} does not exist yet, so this is a new run")
+        return None
+    ckpt = load_checkpoint(path)
+    if "history" not in ckpt:
+        raise UserError(f"{path} is not a last.pt (it holds no optimizer state); resume from last.pt.")
+    if ("kd" in ckpt) != (kind == "kd"):
+        script = "train_kd.py" if "kd" in ckpt else "train_base.py"
+        raise UserError(f"{path} was written by {script}; resume it with {script}.")
+    return ckpt, path
+
+
+def adopt_config(args, saved, given, path, completed_epochs):
+    """Makes args the configuration of the run being resumed. A flag the user gave that would
+    change the run is an error; a harmless one (HARMLESS_ON_RESUME) is kept and said."""
+    for key, value in saved.items():
+        if key == "resume":
+            continue
+        mine = getattr(args, key, None)
+        if key in given and mine != value:
+            if key not in HARMLESS_ON_RESUME:
+                raise UserError(f"--{key.replace('_', '-')} {mine} differs from {value} in the run in {path}; "
+                                f"start a new run (another --output-dir) to change it.")
+            print(f"note: resuming with --{key.replace('_', '-')} {mine} (the run had {value})")
+        elif key not in given:
+            setattr(args, key, value)
+    if "output_dir" not in given:
+        args.output_dir = os.path.dirname(os.path.abspath(path))
+    if args.epochs < completed_epochs:
+        raise UserError(f"--epochs {args.epochs} is fewer than the {completed_epochs} epochs {path} already holds.")
+
+
+def prepare_output_dir(path, resuming=False):
     """Creates the run folder; refuses one that already holds a run rather than mixing two."""
-    if os.path.exists(os.path.join(path, "last.pt")) or os.path.exists(os.path.join(path, "metrics.csv")):
-        raise UserError(f"{path} already holds a run; choose another --output-dir or remove it.")
+    holds_run = os.path.exists(os.path.join(path, "last.pt")) or os.path.exists(os.path.join(path, "metrics.csv"))
+    if holds_run and not resuming:
+        raise UserError(f"{path} already holds a run; resume it with --resume auto, or choose another "
+                        f"--output-dir.")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".write-test")

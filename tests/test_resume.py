@@ -1,0 +1,171 @@
+"""Runs that survive: exact resume, atomic checkpoints, safe loading, divergence, clear errors."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
+from models import build_model
+
+
+def metrics_without_time(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def assert_same_run(a, b):
+    """Same metrics (but wall time) and bit-identical weights, optimizer state and generators."""
+    assert metrics_without_time(a) == metrics_without_time(b)
+    ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (a, b))
+    for part in ("model", "method"):
+        assert ca[part].keys() == cb[part].keys()
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    assert torch.equal(ca["rng"]["data"], cb["rng"]["data"]) and torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    momentum_a = [s["momentum_buffer"] for s in ca["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in cb["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+
+
+@pytest.fixture(scope="module")
+def bigger_cifar10(tmp_path_factory):
+    """1,000 training images, so that an epoch lasts long enough to be interrupted in."""
+    return make_cifar10(str(tmp_path_factory.mktemp("cifar10-1k")), per_batch=200)
+
+
+BASE = ("--model", "resnet8", "--batch-size", 50, "--epochs", 5, "--lr-milestones", 3, "--device", "cpu")
+
+
+def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_path):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_script("train_base.py", "--data-root", bigger_cifar10, "--output-dir", straight, *BASE)
+
+    cmd = [sys.executable, os.path.join(ROOT, "train_base.py"), "--data-root", bigger_cifar10,
+           "--output-dir", interrupted, *map(str, BASE)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(interrupted, "metrics.csv")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    done = len(metrics_without_time(interrupted))
+    assert 1 <= done < 5  # stopped mid-run, with its completed epochs on disk
+    assert torch.load(os.path.join(interrupted, "last.pt"), weights_only=True)["epoch"] == done
+
+    resumed = run_script("train_base.py", "--data-root", bigger_cifar10, "--output-dir", interrupted, *BASE,
+                         "--resume", "auto")
+    assert f"resumed from {os.path.join(interrupted, 'last.pt')} after epoch {done}" in resumed.stdout
+    assert_same_run(straight, interrupted)
+
+
+@pytest.mark.parametrize("method", ["st", "ft"])
+def test_kd_resume_equals_the_uninterrupted_run(method, cifar10_root, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
+               "--epochs", 1, "--batch-size", 32)
+    common = ("--teacher", teacher / "last.pt", "--method", method, "--data-root", cifar10_root,
+              "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", "cpu",
+              *(("--ft-epochs", 2) if method == "ft" else ()))
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_script("train_kd.py", *common, "--epochs", 3, "--output-dir", straight)
+    run_script("train_kd.py", *common, "--epochs", 1, "--output-dir", split)
+    resumed = run_script("train_kd.py", *common, "--epochs", 3, "--output-dir", split, "--resume",
+                         os.path.join(split, "last.pt"))
+    assert "note: resuming with --epochs 3 (the run had 1)" in resumed.stdout
+    assert "paraphraser" not in resumed.stdout  # the stage's result comes back from last.pt
+    assert_same_run(straight, split)
+
+
+def test_resume_refuses_what_would_change_the_run(cifar10_root, tmp_path):
+    out = str(tmp_path / "run")
+    common = ("--data-root", cifar10_root, "--output-dir", out, "--batch-size", 32, "--model", "resnet8")
+    run_script("train_base.py", *common, "--epochs", 2)
+    last = os.path.join(out, "last.pt")
+    before = open(last, "rb").read()
+    assert_user_error(run_script("train_base.py", *common[:-2], "--model", "resnet14", "--resume", "auto",
+                                 check=False), "--model resnet14 differs from resnet8")
+    assert_user_error(run_script("train_base.py", *common, "--weight-decay", 0.1, "--resume", "auto",
+                                 check=False), "--weight-decay 0.1 differs")
+    assert_user_error(run_script("train_base.py", *common, "--epochs", 1, "--resume", "auto", check=False),
+                      "--epochs 1 is fewer than the 2 epochs")
+    assert_user_error(run_script("train_base.py", *common, "--resume", os.path.join(out, "best.pt"),
+                                 check=False), "not a last.pt")
+    assert_user_error(run_script("train_kd.py", "--teacher", last, "--method", "st", "--resume", last,
+                                 "--data-root", cifar10_root, check=False), "written by train_base.py")
+    assert open(last, "rb").read() == before
+    nothing_left = run_script("train_base.py", *common, "--epochs", 2, "--resume", "auto")
+    assert "nothing to do" in nothing_left.stdout
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(utils.UserError, match="No space left on device"):
+        utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, cifar10_root):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"format": utils.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, crafted)
+    with pytest.raises(utils.UserError, match="not a loadable checkpoint"):
+        utils.load_checkpoint(str(crafted))
+    for args in (("train_kd.py", "--teacher", crafted, "--method", "st"),
+                 ("train_base.py", "--resume", crafted)):
+        proc = run_script(*args, "--data-root", cifar10_root, "--output-dir", tmp_path / "out", check=False)
+        assert_user_error(proc, "crafted.pt", "not a loadable checkpoint")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_weights_load_strictly_and_name_the_key():
+    model = build_model("resnet8", 10)
+    good = build_model("resnet8", 10).state_dict()
+    missing = {k: v for k, v in good.items() if k != "fc.bias"}
+    with pytest.raises(utils.UserError, match="lacks the weight 'fc.bias'"):
+        utils.load_weights(model, missing, "It")
+    with pytest.raises(utils.UserError, match="unexpected weight 'module.fc.bias'"):
+        utils.load_weights(model, {**good, "module.fc.bias": good["fc.bias"]}, "It")
+    with pytest.raises(utils.UserError, match=r"'fc.weight' of shape \(100, 64\), expected \(10, 64\)"):
+        utils.load_weights(model, {**good, "fc.weight": torch.zeros(100, 64)}, "It")
+    utils.load_weights(model, good, "It")
+    assert all(torch.equal(model.state_dict()[k], good[k]) for k in good)
+
+
+def test_divergence_stops_at_once_without_a_checkpoint(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--model", "resnet8",
+                      "--batch-size", 32, "--epochs", 2, "--lr", 1e30, check=False)
+    assert_user_error(proc, "non-finite in epoch 1 at step", "--lr")
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_saved_keys_carry_no_wrapper_prefix():
+    model = build_model("resnet8", 10)
+    compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled here
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert utils.unwrap(compiled) is model and utils.unwrap(model) is model
