@@ -176,7 +176,7 @@ def make_loaders(args, device):
         keep, held_out = class_balanced_split(train_y, args.val_split, args.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
-    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std)
+    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std, channels_last=args.channels_last)
     loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=args.seed, **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
     if args.val_split:

@@ -7,6 +7,8 @@ Recipe flags left out take the data set's recipe below; edit RECIPES to change t
 import argparse
 import os
 
+import torch
+
 from data import DATASETS, make_loaders
 from engine import Supervised, build_optimizer, fit
 from models import MODELS, SHORTCUTS, build_model
@@ -57,6 +59,13 @@ def get_args_parser(add_help=True, model_flag="--model"):
                                              "named after the data set, model(s) and seed)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else the CPU")
+    speed = parser.add_argument_group("speed (results change only by floating-point rounding)")
+    speed.add_argument("--amp", choices=["bf16", "off"],
+                       help="bf16 autocast, losses in fp32 (default: bf16 on CUDA, off on the CPU)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       help="NHWC memory layout (default: on for CUDA)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the training step and the teacher's forward (CUDA graphs on CUDA)")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue the run in this last.pt; auto: the one in --output-dir, if any")
     return parser
@@ -77,6 +86,20 @@ def resolve_recipe(args):
     return args
 
 
+def resolve_speed(args, device):
+    """Fills --amp and --channels-last for the device, in place; refuses bf16 where it cannot run."""
+    if args.amp is None:
+        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    if args.amp == "bf16":
+        supported = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                     else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not supported:
+            raise UserError(f"--amp bf16 needs bf16 support, which this {device.type.upper()} lacks; use --amp off.")
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
 def main(args, given):
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{args.model}-seed{args.seed}")
@@ -86,13 +109,17 @@ def main(args, given):
     else:
         resolve_recipe(args)
     device = resolve_device(args.device)
+    memory_format = resolve_speed(args, device)
     set_seed(args.seed)
-    model = build_model(args.model, DATASETS[args.dataset].num_classes, args.shortcut).to(device)
+    model = build_model(args.model, DATASETS[args.dataset].num_classes, args.shortcut)
+    model = model.to(device, memory_format=memory_format)
     loaders, num_classes = make_loaders(args, device)
     prepare_output_dir(args.output_dir, resuming=resume is not None)
     write_json(vars(args), os.path.join(args.output_dir, "args.json"))
 
     task = Supervised(model)
+    if args.compile:
+        task.compile_steps(device)
     optimizer, scheduler = build_optimizer(task, args)
     info = {"arch": args.model, "num_classes": num_classes, "shortcut": args.shortcut,
             "dataset": args.dataset, "config": vars(args)}

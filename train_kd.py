@@ -15,7 +15,7 @@ from engine import Distiller, build_optimizer, evaluate, fit
 from kd_losses import METHODS, add_method_args, build_method, resolve_method_args
 from models import build_model
 from train_base import get_args_parser as get_base_parser
-from train_base import resolve_recipe
+from train_base import resolve_recipe, resolve_speed
 from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, find_resume, load_checkpoint,
                    load_weights, non_negative_float, parse_args, prepare_output_dir, resolve_device, run_main,
                    save_atomic, set_seed, write_json)
@@ -101,21 +101,24 @@ def main(args, given):
         raise UserError(f"{args.teacher} is not the teacher of the run in {resume[1]} (its contents differ).")
     args.teacher_sha256 = digest
     device = resolve_device(args.device)
-    teacher = load_teacher(args, teacher_ckpt, device)
+    memory_format = resolve_speed(args, device)
+    teacher = load_teacher(args, teacher_ckpt, device).to(memory_format=memory_format)
     set_seed(args.seed)
     num_classes = DATASETS[args.dataset].num_classes
     # built first after seeding, exactly as in train_base.py, so it starts from the baseline's weights
-    student = build_model(args.model, num_classes, args.shortcut).to(device)
+    student = build_model(args.model, num_classes, args.shortcut).to(device, memory_format=memory_format)
     try:
-        method = build_method(args.method, hparams, student, teacher).to(device)
+        method = build_method(args.method, hparams, student, teacher).to(device, memory_format=memory_format)
     except ValueError as e:
         raise UserError(f"--method {args.method} cannot pair {args.teacher_arch} with {args.model}: {e}.") from None
     task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
+    if args.compile:
+        task.compile_steps(device)
     loaders, _ = make_loaders(args, device)
     prepare_output_dir(args.output_dir, resuming=resume is not None)
     write_json(vars(args), os.path.join(args.output_dir, "args.json"))
 
-    teacher_test = evaluate(task.teacher, loaders["test"])
+    teacher_test = evaluate(task.teacher, loaders["test"], args.amp == "bf16")
     print(f"teacher {args.teacher_arch} ({args.teacher}): test top1 {teacher_test['top1']:.2f} "
           f"top5 {teacher_test['top5']:.2f}")
     print(f"method {args.method}: kd weight {args.kd_weight}, ce weight {args.ce_weight}, {hparams}")

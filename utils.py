@@ -187,7 +187,8 @@ def parse_args(parser):
 
 
 # flags that may differ from the run being resumed: they change where or how long, not what
-HARMLESS_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher")
+HARMLESS_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher", "amp", "channels_last",
+                      "compile")
 
 
 def find_resume(args, kind):
