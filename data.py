@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, log
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,19 @@ class DeviceLoader:
 
     Training loaders shuffle and augment every epoch with their own seeded generator (its state
     is all a resumed run needs to replay the same batches); evaluation loaders do neither.
+
+    Under torchrun (world_size > 1) batch_size is the global batch: every process draws the same
+    permutation and augmentation for the whole global batch and keeps its own contiguous slice, so
+    the processes together see exactly the batches of a single-process run. A last batch smaller
+    than the number of processes is skipped. Evaluation loaders give each process a contiguous
+    shard of the set.
     """
 
-    def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False):
+    def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False,
+                 rank=0, world_size=1):
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
+        self.rank, self.world_size = rank, world_size
         device = images.device
         std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
@@ -147,8 +155,25 @@ class DeviceLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def _slice(self, n):
+        """This process's [lo, hi) of n items."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
     def __len__(self):
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        if not self.train:
+            lo, hi = self._slice(len(self.labels))
+            return (hi - lo + self.batch_size - 1) // self.batch_size
+        full, last = divmod(len(self.labels), self.batch_size)
+        return full + (last >= self.world_size)
+
+    def unsharded_copy(self):
+        """The same loader for one process, with its own generator in this one's state (so using
+        it leaves this loader's batches untouched)."""
+        copy = DeviceLoader.__new__(DeviceLoader)
+        copy.__dict__.update(self.__dict__, rank=0, world_size=1)
+        copy.generator = torch.Generator(device=self.images.device)
+        copy.generator.set_state(self.generator.get_state())
+        return copy
 
     def normalize(self, images):
         out = images.float() * self.scale + self.shift
@@ -156,19 +181,23 @@ class DeviceLoader:
 
     def __iter__(self):
         n = len(self.labels)
-        if self.train:
-            order = torch.randperm(n, generator=self.generator, device=self.images.device)
-        for start in range(0, n, self.batch_size):
-            if self.train:
-                index = order[start:start + self.batch_size]
-                batch = random_crop_flip(self.images[index], self.generator)
-                yield self.normalize(batch), self.labels[index]
-            else:
-                end = start + self.batch_size
+        if not self.train:
+            lo, hi = self._slice(n)
+            for start in range(lo, hi, self.batch_size):
+                end = min(start + self.batch_size, hi)
                 yield self.normalize(self.images[start:end]), self.labels[start:end]
+            return
+        order = torch.randperm(n, generator=self.generator, device=self.images.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            if len(index) < self.world_size:
+                break
+            batch = random_crop_flip(self.images[index], self.generator)
+            lo, hi = self._slice(len(index))
+            yield self.normalize(batch[lo:hi]), self.labels[index[lo:hi]]
 
 
-def make_loaders(args, device):
+def make_loaders(args, device, rank=0, world_size=1):
     """Loads args.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
     spec = DATASETS[args.dataset]
     train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root)
@@ -176,11 +205,12 @@ def make_loaders(args, device):
         keep, held_out = class_balanced_split(train_y, args.val_split, args.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
-    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std, channels_last=args.channels_last)
+    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std, channels_last=args.channels_last,
+                  rank=rank, world_size=world_size)
     loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=args.seed, **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
     if args.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
-    print(f"{spec.title} from {args.data_root}: {len(train_y)} training, "
+    log(f"{spec.title} from {args.data_root}: {len(train_y)} training, "
           f"{args.val_split} validation and {len(test_y)} test images on {device}")
     return loaders, spec.num_classes

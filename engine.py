@@ -5,6 +5,7 @@ terms maps a name ('ce', 'kd', ...) to a weighted scalar loss; the optimised los
 Supervised is plain cross-entropy; Distiller adds a teacher and a KD method. Everything the task
 owns (student, connectors, translators) is trained and checkpointed; the teacher is not.
 """
+import inspect
 import os
 import shlex
 import signal
@@ -12,11 +13,14 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from utils import (CHECKPOINT_FORMAT, UserError, append_csv_row, load_weights, progress_bar, save_atomic, unwrap,
-                   write_csv)
+from utils import (CHECKPOINT_FORMAT, UserError, append_csv_row, is_main, load_weights, log, progress_bar,
+                   save_atomic, unwrap, write_csv)
 
 CHECK_EVERY = 50  # steps between looks at the loss on an accelerator
 RESUME_ONLY = ("optimizer", "scheduler", "rng", "history")  # in last.pt, not in best.pt
@@ -136,15 +140,23 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
+def _sum_over_processes(tensor, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
 def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False):
     """One pass over the loader. Sums stay on the device and are read once, at the end; the first
     non-finite loss is recorded on the device too and looked at every step on the CPU, every
-    `CHECK_EVERY` steps elsewhere (a look is a host synchronisation)."""
+    `CHECK_EVERY` steps elsewhere (a look is a host synchronisation). Under torchrun the processes
+    take that look together, so that they all stop at the same step."""
     task.train()
     sums, correct, seen = {}, 0, 0
-    first_bad_step = torch.tensor(-1, device=loader.labels.device)
-    check_every = 1 if loader.labels.device.type == "cpu" else CHECK_EVERY
-    bar = progress_bar(loader, desc)
+    device = loader.labels.device
+    first_bad_step = torch.tensor(-1, device=device)
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    bar = progress_bar(loader, desc) if is_main() else loader
     for step, (images, targets) in enumerate(bar, start=1):
         with autocast(images.device, amp):
             logits, terms = task(images, targets)
@@ -159,14 +171,20 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
         seen += n
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
         if step % check_every == 0 or step == len(loader):
-            if first_bad_step >= 0:
-                raise Diverged(int(first_bad_step))
-            if not bar.disable:
+            signalled = stop is not None and stop.signum is not None
+            flags = _sum_over_processes(torch.stack([first_bad_step, torch.tensor(int(signalled), device=device)]),
+                                        dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+            if flags[0] >= 0:
+                raise Diverged(flags[0])
+            if flags[1]:
+                raise Interrupted
+            if isinstance(bar, tqdm) and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        if stop is not None and stop.signum is not None:
-            raise Interrupted
-    stats = {name: (value / seen).item() for name, value in sums.items()}
-    stats["top1"] = 100.0 * int(correct) / seen
+    names = list(sums)
+    totals = _sum_over_processes(torch.stack([sums[k] for k in names] + [correct * 1.0, torch.tensor(
+        float(seen), device=device)])).tolist()
+    stats = {name: value / totals[-1] for name, value in zip(names, totals)}
+    stats["top1"] = 100.0 * totals[-2] / totals[-1]
     return stats
 
 
@@ -174,17 +192,16 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
 def evaluate(model, loader, amp=False):
     """Mean cross-entropy, top-1 and top-5 (%) over the whole loader."""
     model.eval()
-    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
+    device = loader.labels.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for images, targets in loader:
         with autocast(images.device, amp):
             logits = model(images).float()
-        loss_sum = loss_sum + F.cross_entropy(logits, targets, reduction="sum")
-        best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = best5 == targets[:, None]
-        top1 = top1 + hits[:, 0].sum()
-        top5 = top5 + hits.any(1).sum()
-        seen += len(targets)
-    return {"loss": float(loss_sum) / seen, "top1": 100.0 * int(top1) / seen, "top5": 100.0 * int(top5) / seen}
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), hits[:, 0].sum(),
+                               hits.any(1).sum(), torch.tensor(len(targets), device=device)]).double()
+    loss_sum, top1, top5, seen = _sum_over_processes(totals).tolist()
+    return {"loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
 def _extra_state(task):
@@ -214,6 +231,27 @@ def _restore(task, optimizer, scheduler, loader, ckpt, path):
         raise UserError(f"The checkpoint {path} cannot be resumed ({type(e).__name__}: {e}).") from None
 
 
+def _share_buffers(task):
+    """Under torchrun, gives every process rank 0's buffers (BN running statistics, which each
+    process updated from its own part of the batch), so that evaluation and checkpoints agree."""
+    if dist.is_initialized():
+        for buffer in task.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _check_replicas(task):
+    """Under torchrun, makes sure every process ends with the same weights and buffers."""
+    flat = torch.cat([t.detach().double().flatten() for t in task.state_dict().values() if t.is_floating_point()])
+    summary = torch.stack([flat.sum(), flat.square().sum(), (flat * torch.linspace(0, 1, len(flat),
+                                                                                   device=flat.device)).sum()])
+    low, high = summary.clone(), summary.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the processes ended with different weights; please report this as a bug")
+    log(f"weights and buffers identical on all {dist.get_world_size()} processes")
+
+
 def resume_command(path):
     """The command line that resumes this run from `path`, for messages."""
     argv, skip = [], False
@@ -233,8 +271,19 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
     validation split when one is held out, else on the test set (and the checkpoint says which).
     checkpoint_info: plain-typed fields stored in every checkpoint (architecture, classes, ...).
     resume: (checkpoint, path) of a last.pt to continue from, or None.
+    Under torchrun the task trains wrapped in DistributedDataParallel; rank 0 alone logs and writes.
     """
     student = task.student
+    trainer = task
+    if dist.is_initialized():
+        device = loaders["train"].labels.device
+        if args.sync_bn:  # same Parameter objects, so the optimizer built before still holds them
+            nn.SyncBatchNorm.convert_sync_batchnorm(task)
+        # buffers (BN statistics) are shared once per epoch below, not at every step
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        trainer = DistributedDataParallel(task, device_ids=[device] if device.type == "cuda" else None,
+                                          **no_buffer_sync)
     selected_on = "val" if "val" in loaders else "test"
     metrics_path = os.path.join(args.output_dir, "metrics.csv")
     last_path = os.path.join(args.output_dir, "last.pt")
@@ -244,29 +293,32 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
         _restore(task, optimizer, scheduler, loaders["train"], ckpt, path)
         history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
         best = {"top1": ckpt["best_top1"], "epoch": ckpt["best_epoch"]}
-        write_csv(history, metrics_path)  # drops any row written after that checkpoint
-        print(f"resumed from {path} after epoch {ckpt['epoch']}")
+        if is_main():
+            write_csv(history, metrics_path)  # drops any row written after that checkpoint
+        log(f"resumed from {path} after epoch {ckpt['epoch']}")
     test = None
     with StopOnSignal() as stop:
         for epoch in range(first_epoch, args.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             try:
-                train = train_one_epoch(task, loaders["train"], optimizer, f"epoch {epoch}/{args.epochs}", stop,
-                                        args.amp == "bf16")
+                train = train_one_epoch(trainer, loaders["train"], optimizer, f"epoch {epoch}/{args.epochs}",
+                                        stop, args.amp == "bf16")
             except Diverged as e:
                 raise UserError(
                     f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
                     f"stopped and {last_path} still holds the last good epoch; check --lr and the KD "
                     f"weights.") from None
             except Interrupted:
-                name = signal.Signals(stop.signum).name
+                signum = stop.signum or signal.SIGTERM  # another process may have been the one signalled
+                name = signal.Signals(signum).name
                 if epoch == 1:
-                    print(f"{name} in epoch 1: no epoch completed, nothing to resume.", file=sys.stderr)
+                    log(f"{name} in epoch 1: no epoch completed, nothing to resume.", file=sys.stderr)
                 else:
-                    print(f"{name} in epoch {epoch}: {last_path} holds epoch {epoch - 1}; resume with:\n"
-                          f"  {resume_command(last_path)}", file=sys.stderr)
-                sys.exit(128 + stop.signum)
+                    log(f"{name} in epoch {epoch}: {last_path} holds epoch {epoch - 1}; resume with:\n"
+                        f"  {resume_command(last_path)}", file=sys.stderr)
+                sys.exit(128 + signum)
+            _share_buffers(task)
             scheduler.step()
             test = evaluate(student, loaders["test"], args.amp == "bf16")
             val = evaluate(student, loaders["val"], args.amp == "bf16") if "val" in loaders else None
@@ -287,10 +339,12 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
                 best = {"top1": score, "epoch": epoch}
             terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in row.items()
                              if k.startswith("train_") and k not in ("train_loss", "train_top1"))
-            print(f"epoch {epoch:3d}/{args.epochs} lr {lr:.4g} | train loss {train['loss']:.4f} ({terms}) "
-                  f"top1 {train['top1']:.2f} | test loss {test['loss']:.4f} top1 {test['top1']:.2f} "
-                  f"top5 {test['top5']:.2f}" + (f" | val top1 {val['top1']:.2f}" if val else "")
-                  + f" | {seconds:.1f}s" + (" *" if improved else ""), flush=True)
+            log(f"epoch {epoch:3d}/{args.epochs} lr {lr:.4g} | train loss {train['loss']:.4f} ({terms}) "
+                f"top1 {train['top1']:.2f} | test loss {test['loss']:.4f} top1 {test['top1']:.2f} "
+                f"top5 {test['top5']:.2f}" + (f" | val top1 {val['top1']:.2f}" if val else "")
+                + f" | {seconds:.1f}s" + (" *" if improved else ""))
+            if not is_main():
+                continue
 
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, **checkpoint_info, "epoch": epoch,
@@ -307,8 +361,10 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
             save_atomic(checkpoint, last_path)
             append_csv_row(row, metrics_path)
     if test is None:
-        print(f"nothing to do: {last_path} already holds epoch {first_epoch - 1} of {args.epochs}")
+        log(f"nothing to do: {last_path} already holds epoch {first_epoch - 1} of {args.epochs}")
         return None, best
-    print(f"done: last epoch test top1 {test['top1']:.2f}; best epoch {best['epoch']} "
+    if dist.is_initialized():
+        _check_replicas(task)
+    log(f"done: last epoch test top1 {test['top1']:.2f}; best epoch {best['epoch']} "
           f"({selected_on} top1 {best['top1']:.2f}) saved to {os.path.join(args.output_dir, 'best.pt')}")
     return test, best

@@ -14,7 +14,7 @@ from engine import Supervised, build_optimizer, fit
 from models import MODELS, SHORTCUTS, build_model
 from utils import (HelpFormatter, UserError, adopt_config, find_resume, fraction, non_negative_float,
                    non_negative_int, parse_args, positive_float, positive_int, prepare_output_dir,
-                   resolve_device, run_main, set_seed, write_json)
+                   resolve_device, run_main, set_seed, write_json, is_main, log, barrier)
 
 # Per data set: CIFAR-10 as in He et al. 2016 (the seed zoo), CIFAR-100 as in the CRD benchmark.
 RECIPES = {
@@ -66,6 +66,8 @@ def get_args_parser(add_help=True, model_flag="--model"):
                        help="NHWC memory layout (default: on for CUDA)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the training step and the teacher's forward (CUDA graphs on CUDA)")
+    parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                        help="under torchrun on CUDA: BN statistics over the global batch (SyncBatchNorm)")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue the run in this last.pt; auto: the one in --output-dir, if any")
     return parser
@@ -76,7 +78,7 @@ def resolve_recipe(args):
     recipe = RECIPES[args.dataset]
     if args.lr_milestones is None and args.epochs is not None and args.epochs != recipe["epochs"]:
         args.lr_milestones = sorted({max(1, round(m * args.epochs / recipe["epochs"])) for m in recipe["lr_milestones"]})
-        print(f"note: --epochs {args.epochs} without --lr-milestones: the recipe's milestones "
+        log(f"note: --epochs {args.epochs} without --lr-milestones: the recipe's milestones "
               f"{recipe['lr_milestones']} scaled to {args.lr_milestones}")
     for key, value in recipe.items():
         if getattr(args, key) is None:
@@ -92,6 +94,8 @@ def resolve_speed(args, device):
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
+    if args.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only.")
     if args.amp == "bf16":
         supported = (torch.cuda.is_bf16_supported() if device.type == "cuda"
                      else torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -108,14 +112,16 @@ def main(args, given):
         adopt_config(args, resume[0]["config"], given, resume[1], resume[0]["epoch"])
     else:
         resolve_recipe(args)
-    device = resolve_device(args.device)
+    device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
     set_seed(args.seed)
     model = build_model(args.model, DATASETS[args.dataset].num_classes, args.shortcut)
     model = model.to(device, memory_format=memory_format)
-    loaders, num_classes = make_loaders(args, device)
-    prepare_output_dir(args.output_dir, resuming=resume is not None)
-    write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+    loaders, num_classes = make_loaders(args, device, rank, world_size)
+    if is_main():
+        prepare_output_dir(args.output_dir, resuming=resume is not None)
+        write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+    barrier()
 
     task = Supervised(model)
     if args.compile:

@@ -18,7 +18,7 @@ from train_base import get_args_parser as get_base_parser
 from train_base import resolve_recipe, resolve_speed
 from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, find_resume, load_checkpoint,
                    load_weights, non_negative_float, parse_args, prepare_output_dir, resolve_device, run_main,
-                   save_atomic, set_seed, write_json)
+                   save_atomic, set_seed, write_json, is_main, log, barrier)
 
 
 def get_args_parser():
@@ -65,10 +65,8 @@ def run_stage(task, loader, args):
     if os.path.exists(cache):
         load_weights(task.method, load_checkpoint(cache)["method"], f"The stage result {cache}")
         print(f"{args.method} stage: loaded its result from {cache}")
-    else:
-        data_state = loader.generator.get_state()
-        task.method.train_stage(task.teacher_outputs, loader)
-        loader.generator.set_state(data_state)  # the student then sees the batches it would without a stage
+    else:  # on a copy of the loader, so that the student then sees the batches it would without a stage
+        task.method.train_stage(task.teacher_outputs, loader.unsharded_copy())
     result = {"format": CHECKPOINT_FORMAT, "key": key, "method": task.method.state_dict()}
     save_atomic(result, os.path.join(args.output_dir, "stage.pt"))
     if not os.path.exists(cache):
@@ -100,7 +98,7 @@ def main(args, given):
     if resume and digest != args.teacher_sha256:
         raise UserError(f"{args.teacher} is not the teacher of the run in {resume[1]} (its contents differ).")
     args.teacher_sha256 = digest
-    device = resolve_device(args.device)
+    device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
     teacher = load_teacher(args, teacher_ckpt, device).to(memory_format=memory_format)
     set_seed(args.seed)
@@ -114,16 +112,23 @@ def main(args, given):
     task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
     if args.compile:
         task.compile_steps(device)
-    loaders, _ = make_loaders(args, device)
-    prepare_output_dir(args.output_dir, resuming=resume is not None)
-    write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+    loaders, _ = make_loaders(args, device, rank, world_size)
+    if is_main():
+        prepare_output_dir(args.output_dir, resuming=resume is not None)
+        write_json(vars(args), os.path.join(args.output_dir, "args.json"))
+    barrier()
 
     teacher_test = evaluate(task.teacher, loaders["test"], args.amp == "bf16")
-    print(f"teacher {args.teacher_arch} ({args.teacher}): test top1 {teacher_test['top1']:.2f} "
-          f"top5 {teacher_test['top5']:.2f}")
-    print(f"method {args.method}: kd weight {args.kd_weight}, ce weight {args.ce_weight}, {hparams}")
+    log(f"teacher {args.teacher_arch} ({args.teacher}): test top1 {teacher_test['top1']:.2f} "
+        f"top5 {teacher_test['top5']:.2f}")
+    log(f"method {args.method}: kd weight {args.kd_weight}, ce weight {args.ce_weight}, {hparams}")
     if method.has_stage and not resume:  # a resumed run gets the stage's result from last.pt
-        run_stage(task, loaders["train"], args)
+        if is_main():
+            run_stage(task, loaders["train"], args)
+        barrier()
+        if not is_main():  # the other processes take rank 0's result rather than training their own
+            load_weights(task.method, load_checkpoint(os.path.join(args.output_dir, "stage.pt"))["method"],
+                         "The stage result")
 
     optimizer, scheduler = build_optimizer(task, args)
     info = {"arch": args.model, "num_classes": num_classes, "shortcut": args.shortcut, "dataset": args.dataset,

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
@@ -33,6 +34,9 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def progress_bar(iterable, desc):
@@ -47,11 +51,37 @@ def set_seed(seed):
 
 
 def resolve_device(name):
+    """(device, rank, world_size). Started by torchrun (WORLD_SIZE > 1), it joins the process group
+    (NCCL on CUDA, gloo on the CPU) and takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but this PyTorch sees no CUDA device.")
-    return torch.device(name)
+    device = torch.device(name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world_size
+
+
+def is_main():
+    """True in a single process, and in rank 0 under torchrun: the one that logs and writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def positive_int(text):
@@ -197,7 +227,7 @@ def find_resume(args, kind):
         return None
     path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.exists(path):
-        print(f"--resume auto: {path} does not exist yet, so this is a new run")
+        log(f"--resume auto: {path} does not exist yet, so this is a new run")
         return None
     ckpt = load_checkpoint(path)
     if "history" not in ckpt:
@@ -219,7 +249,7 @@ def adopt_config(args, saved, given, path, completed_epochs):
             if key not in HARMLESS_ON_RESUME:
                 raise UserError(f"--{key.replace('_', '-')} {mine} differs from {value} in the run in {path}; "
                                 f"start a new run (another --output-dir) to change it.")
-            print(f"note: resuming with --{key.replace('_', '-')} {mine} (the run had {value})")
+            log(f"note: resuming with --{key.replace('_', '-')} {mine} (the run had {value})")
         elif key not in given:
             setattr(args, key, value)
     if "output_dir" not in given:

@@ -59,7 +59,8 @@ class FactorTransfer(KDMethod):
                 optimizer.step()
                 total, seen = total + loss.detach() * len(images), seen + len(images)
             if epoch == 1 or epoch == self.epochs or epoch % 10 == 0:
-                print(f"paraphraser epoch {epoch}/{self.epochs}: reconstruction mse {float(total) / seen:.5f}", flush=True)
+                print(f"paraphraser epoch {epoch}/{self.epochs}: reconstruction mse {float(total) / seen:.5f}",
+                      flush=True)
         self.paraphraser.requires_grad_(False)
         self.paraphraser.eval()
 

@@ -52,9 +52,13 @@ def test_compiled_and_bf16_kd_epochs_match_fp32_eager(teacher, cifar10_root, tmp
 
 
 def test_speed_defaults_follow_the_device(monkeypatch):
-    args = argparse.Namespace(amp=None, channels_last=None)
+    args = argparse.Namespace(amp=None, channels_last=None, sync_bn=False)
     assert train_base.resolve_speed(args, torch.device("cpu")) == torch.contiguous_format
     assert args.amp == "off" and args.channels_last is False
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(UserError, match="--amp bf16 needs bf16 support"):
-        train_base.resolve_speed(argparse.Namespace(amp="bf16", channels_last=None), torch.device("cpu"))
+        train_base.resolve_speed(argparse.Namespace(amp="bf16", channels_last=None, sync_bn=False),
+                                 torch.device("cpu"))
+    with pytest.raises(UserError, match="--sync-bn needs CUDA"):
+        train_base.resolve_speed(argparse.Namespace(amp="off", channels_last=None, sync_bn=True),
+                                 torch.device("cpu"))

@@ -1,0 +1,58 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): one process's view of the first
+training step and of an evaluation, saved by rank 0 for the test to compare with one process."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import DATASETS, DeviceLoader  # noqa: E402
+from engine import Supervised, evaluate  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import resolve_device  # noqa: E402
+
+
+def synthetic(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10
+
+
+def first_step(rank, world_size):
+    """Gradient of the first step, model in eval mode (BN on running statistics), DDP-averaged."""
+    spec = DATASETS["cifar10"]
+    images, labels = synthetic(64, 0)
+    loader = DeviceLoader(images, labels, 16, spec.mean, spec.std, train=True, seed=3, rank=rank,
+                          world_size=world_size)
+    x, y = next(iter(loader))
+    torch.manual_seed(0)
+    task = Supervised(build_model("resnet8", 10)).eval()
+    if world_size > 1:
+        task = torch.nn.parallel.DistributedDataParallel(task)
+    _, terms = task(x, y)
+    terms["ce"].backward()
+    return {"grads": {k: p.grad for k, p in task.named_parameters()}, "labels": y, "images": x}
+
+
+def evaluation(rank, world_size):
+    """Accuracy over a 41-image test set split unevenly across the processes."""
+    spec = DATASETS["cifar10"]
+    images, labels = synthetic(41, 1)
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    loader = DeviceLoader(images, labels, 8, spec.mean, spec.std, train=False, rank=rank, world_size=world_size)
+    return evaluate(model, loader)
+
+
+if __name__ == "__main__":
+    what, out = sys.argv[1], sys.argv[2]
+    _, rank, world_size = resolve_device("cpu")
+    result = {"first_step": first_step, "evaluation": evaluation}[what](rank, world_size)
+    if what == "first_step" and world_size > 1:  # the processes' batches, to check they form the global one
+        gathered = [torch.empty_like(result["labels"]) for _ in range(world_size)]
+        dist.all_gather(gathered, result["labels"])
+        result["labels"] = torch.cat(gathered)
+    if rank == 0:
+        torch.save(result, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()

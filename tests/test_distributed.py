@@ -1,0 +1,67 @@
+"""torchrun on the CPU (gloo): the same runs, batches, gradients and accuracy as one process."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import OFFLINE, ROOT, run_script
+
+TORCHRUN = shutil.which("torchrun")
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")
+
+
+def torchrun(*args, nproc=2):
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_both_scripts_run_under_torchrun(cifar10_root, tmp_path):
+    teacher = tmp_path / "teacher"
+    proc = torchrun("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
+                    "--epochs", 1, "--batch-size", 40)
+    assert "identical on all 2 processes" in proc.stdout and proc.stdout.count("epoch   1/1") == 1
+    for method in ("st", "ft"):
+        out = tmp_path / method
+        proc = torchrun("train_kd.py", "--teacher", teacher / "last.pt", "--method", method, "--student",
+                        "resnet8", "--data-root", cifar10_root, "--output-dir", out, "--epochs", 1,
+                        "--batch-size", 40, *(("--ft-epochs", 1) if method == "ft" else ()))
+        assert "identical on all 2 processes" in proc.stdout
+        ckpt = torch.load(out / "last.pt", weights_only=True)
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+        assert len(open(out / "metrics.csv").readlines()) == 2  # header + one epoch, written once
+    # a checkpoint written under torchrun is an ordinary teacher for a single process
+    run_script("train_kd.py", "--teacher", tmp_path / "st" / "last.pt", "--method", "st", "--student",
+               "resnet8", "--data-root", cifar10_root, "--output-dir", tmp_path / "single", "--epochs", 1)
+
+
+def worker(what, out, nproc):
+    return torchrun(os.path.join(ROOT, "tests", "ddp_worker.py"), what, out, nproc=nproc) and torch.load(
+        out, weights_only=True)
+
+
+def test_first_step_gradient_matches_one_process(tmp_path):
+    """With the model in eval mode, BN uses its running statistics, so every image's loss is
+    independent of the others in its batch; the mean over the global batch is then the average of
+    the two processes' means (equal halves), and DDP's averaged gradient must equal the gradient of
+    one process on the whole batch. In training mode BN would normalise each half with its own
+    statistics and the gradients would differ (use --sync-bn on CUDA for that); that is expected."""
+    one = worker("first_step", tmp_path / "one.pt", 1)
+    two = worker("first_step", tmp_path / "two.pt", 2)
+    assert torch.equal(one["labels"], two["labels"])  # the processes' halves make up the global batch
+    assert torch.equal(one["images"][:8], two["images"])  # rank 0's half, augmented identically
+    for name, grad in one["grads"].items():
+        other = two["grads"]["module." + name]
+        assert torch.allclose(grad, other, rtol=1e-4, atol=1e-6), name
+
+
+def test_evaluation_over_uneven_shards_is_exact(tmp_path):
+    one = worker("evaluation", tmp_path / "one.pt", 1)
+    two = worker("evaluation", tmp_path / "two.pt", 2)
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
