@@ -1,0 +1,157 @@
+"""Turn a folder of runs into a Markdown results table (mean ± std over seeds) and training curves.
+
+    python report.py runs/sweep-cifar10-resnet110-to-resnet20            # writes report.md there
+    python report.py RUNS --output results.md --no-plots
+
+A run is any folder below RUNS holding args.json and metrics.csv (written by train_base.py or
+train_kd.py). Runs are grouped by data set, epochs, method ('baseline' for train_base.py), model and teacher; each
+row gives, over its seeds: the last-epoch test top-1, the best-epoch test top-1 (the epoch chosen
+on the validation split when one was held out, else on the test set itself, and the column says
+which), the gain of the last-epoch mean over the same model's baseline, the published number where
+there is one, and the mean wall time per run. Standard deviations are sample ones (n - 1).
+Plots (test top-1 and training loss per epoch, mean over seeds, one line per row) need matplotlib.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+# Published test top-1 (%) for the ResNet-110 teacher / ResNet-20 student pair: (seed zoo, CRD paper).
+PUBLISHED = {
+    "cifar10": {("baseline", "resnet20"): 92.37, ("baseline", "resnet110"): 93.86, ("st", "resnet20"): 92.82,
+                ("at", "resnet20"): 93.21, ("fitnet", "resnet20"): 93.04, ("nst", "resnet20"): 92.83,
+                ("ft", "resnet20"): 93.01, ("rkd", "resnet20"): 93.21},
+    "cifar100": {("baseline", "resnet20"): (68.92, 69.06), ("baseline", "resnet110"): (73.15, 74.31),
+                 ("st", "resnet20"): (70.06, 70.67), ("at", "resnet20"): (69.28, 70.22),
+                 ("fitnet", "resnet20"): (69.81, 68.99), ("nst", "resnet20"): (69.31, 69.53),
+                 ("ft", "resnet20"): (69.49, 70.22), ("rkd", "resnet20"): (69.36, 69.25)},
+}
+
+
+def read_runs(root):
+    """One dict per run folder below root: its args, metrics rows and derived numbers."""
+    runs = []
+    for folder, _, files in sorted(os.walk(root)):
+        if "args.json" not in files or "metrics.csv" not in files:
+            continue
+        with open(os.path.join(folder, "args.json")) as f:
+            args = json.load(f)
+        with open(os.path.join(folder, "metrics.csv")) as f:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        if not rows:
+            continue
+        selector = "val_top1" if "val_top1" in rows[0] else "test_top1"
+        best = max(rows, key=lambda r: r[selector])  # the first epoch with the highest score
+        runs.append({"folder": folder, "dataset": args["dataset"], "method": args.get("method", "baseline"),
+                     "epochs": args["epochs"],
+                     "model": args["model"], "teacher": args.get("teacher_arch"), "seed": args["seed"],
+                     "complete": len(rows) >= args["epochs"], "rows": rows, "last": rows[-1]["test_top1"],
+                     "best": best["test_top1"], "selected_on": selector[:-5],
+                     "seconds": sum(r["seconds"] for r in rows)})
+    return runs
+
+
+def mean_std(values):
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(mean, std):
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def summarise(runs):
+    """Rows of the table: one per (data set, epochs, method, model, teacher), baselines first."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run["dataset"], run["epochs"], run["method"], run["model"], run["teacher"])].append(run)
+    baselines = {(d, epochs, model): mean_std([r["last"] for r in g])[0]
+                 for (d, epochs, method, model, _), g in groups.items() if method == "baseline"}
+    table = []
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "baseline"))
+    for (dataset, epochs, method, model, teacher), group in order:
+        last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
+        base = baselines.get((dataset, epochs, model))
+        published = PUBLISHED.get(dataset, {}).get((method, model))
+        if method != "baseline" and teacher != "resnet110":
+            published = None  # the published KD numbers are for a ResNet-110 teacher
+        table.append({"dataset": dataset, "epochs": epochs, "method": method, "model": model, "teacher": teacher, "runs": group,
+                      "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
+                      "gain": None if base is None or method == "baseline" else last[0] - base,
+                      "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
+                      "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
+                      "incomplete": sum(not r["complete"] for r in group)})
+    return table
+
+
+def markdown(table):
+    lines = ["| data set | epochs | method | student | teacher | seeds | last-epoch top-1 | best-epoch top-1 "
+             "(chosen on) | gain over baseline | published (seed zoo / CRD) | wall time per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        published = row["published"]
+        if isinstance(published, tuple):
+            published = " / ".join(f"{p:.2f}" for p in published)
+        elif published is not None:
+            published = f"{published:.2f}"
+        note = f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""
+        gain = "–" if row["gain"] is None else f"{row['gain']:+.2f}"
+        lines.append(
+            f"| {row['dataset']} | {row['epochs']} | {row['method']} | {row['model']} | {row['teacher'] or '–'} | "
+            f"{','.join(map(str, row['seeds']))}{note} | {fmt(*row['last'])} | {fmt(*row['best'])} "
+            f"({row['selected_on']}) | {gain} | "
+            f"{published or '–'} | {row['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, folder):
+    """Writes test_top1.png and train_loss.png; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    for key, label in (("test_top1", "test top-1 (%)"), ("train_loss", "training loss")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for row in table:
+            epochs = min(len(r["rows"]) for r in row["runs"])
+            curve = [statistics.fmean(r["rows"][e][key] for r in row["runs"]) for e in range(epochs)]
+            ax.plot(range(1, epochs + 1), curve, label=f"{row['method']} {row['model']} ({row['dataset']})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label + ", mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(folder, f"{key}.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("runs", help="folder holding run folders")
+    parser.add_argument("--output", help="Markdown file to write (default: RUNS/report.md)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
+    args = parser.parse_args()
+    runs = read_runs(args.runs)
+    if not runs:
+        sys.exit(f"error: no runs (folders with args.json and metrics.csv) below {args.runs}.")
+    table = summarise(runs)
+    text = markdown(table)
+    output = args.output or os.path.join(args.runs, "report.md")
+    with open(output, "w") as f:
+        f.write(text)
+    print(text + f"written to {output}")
+    if not args.no_plots:
+        try:
+            paths = plot(table, os.path.dirname(os.path.abspath(output)))
+            print("plots: " + ", ".join(paths))
+        except ImportError:
+            print("note: matplotlib is not installed, so no plots were drawn (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Run a whole table: a teacher, the baseline student and a student per KD method, over seeds.
+
+    python sweep.py --dataset cifar10 --teacher resnet110 --student resnet20 --seeds 0 1 2
+    python sweep.py --data-root ../data --methods st at --seeds 0 1 -- --epochs 30 --val-split 5000
+
+Everything after `--` goes to train_base.py and train_kd.py alike (the recipe flags). A run whose
+folder already holds all its epochs is skipped; an interrupted one is resumed (--resume auto).
+The teacher trains first; the other runs then go one after another on one device, or on several
+GPUs at once (one run per GPU, --gpus). Then: python report.py <output-root>.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+from queue import Empty, Queue
+
+import torch
+
+from kd_losses import METHODS
+from models import MODELS
+from utils import HelpFormatter, non_negative_int
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10", help="data set")
+    parser.add_argument("--data-root", default="./dataset", help="passed to the scripts")
+    parser.add_argument("--teacher", choices=list(MODELS), default="resnet110", help="teacher architecture")
+    parser.add_argument("--teacher-seed", type=non_negative_int, default=0, help="seed of the one teacher")
+    parser.add_argument("--student", choices=list(MODELS), default="resnet20", help="student architecture")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="KD methods (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2],
+                        help="student seeds; each method and the baseline run once per seed")
+    parser.add_argument("--output-root", help="default: runs/sweep-<dataset>-<teacher>-to-<student>")
+    parser.add_argument("--gpus", nargs="*", type=non_negative_int,
+                        help="GPU indices to spread the student runs over (default: every visible GPU; "
+                             "none: one run at a time on the scripts' default device)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER,
+                        help="after --: flags for train_base.py and train_kd.py (recipe, --val-split, ...)")
+    return parser
+
+
+def is_complete(out):
+    """True when `out` holds a last.pt and a metrics row for every epoch its args.json asks for."""
+    try:
+        with open(os.path.join(out, "args.json")) as f:
+            epochs = json.load(f)["epochs"]
+        with open(os.path.join(out, "metrics.csv")) as f:
+            rows = sum(1 for _ in csv.DictReader(f))
+    except (OSError, KeyError, ValueError):
+        return False
+    return rows >= epochs and os.path.exists(os.path.join(out, "last.pt"))
+
+
+def jobs(args, root):
+    """(name, command) of every run of the sweep, the teacher first."""
+    common = ["--dataset", args.dataset, "--data-root", args.data_root, *args.script_args]
+    teacher_dir = os.path.join(root, f"teacher-{args.teacher}-seed{args.teacher_seed}")
+    yield teacher_dir, ["train_base.py", "--model", args.teacher, "--seed", str(args.teacher_seed), *common]
+    for seed in args.seeds:
+        yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
+               ["train_base.py", "--model", args.student, "--seed", str(seed), *common])
+        for method in args.methods:
+            yield (os.path.join(root, f"{method}-{args.student}-seed{seed}"),
+                   ["train_kd.py", "--teacher", os.path.join(teacher_dir, "last.pt"), "--student", args.student,
+                    "--method", method, "--seed", str(seed), *common])
+
+
+def run(out, command, gpu=None):
+    """Runs one job to completion (resuming it if it was interrupted); returns its exit status."""
+    if is_complete(out):
+        print(f"skip  {out} (complete)", flush=True)
+        return 0
+    os.makedirs(out, exist_ok=True)
+    resume = ["--resume", "auto"] if os.path.exists(os.path.join(out, "last.pt")) else []
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    print(f"{'resume' if resume else 'run'}   {out}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+    with open(os.path.join(out, "log.txt"), "a") as log:
+        status = subprocess.call([sys.executable, os.path.join(HERE, command[0]), *command[1:],
+                                  "--output-dir", out, *resume], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if status != 0:
+        print(f"FAILED {out} (exit {status}); see {os.path.join(out, 'log.txt')}", flush=True)
+    return status
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.script_args[:1] == ["--"]:
+        args.script_args = args.script_args[1:]
+    root = args.output_root or os.path.join("runs", f"sweep-{args.dataset}-{args.teacher}-to-{args.student}")
+    gpus = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
+    (teacher_dir, teacher_cmd), *students = jobs(args, root)
+    if run(teacher_dir, teacher_cmd, gpus[0] if gpus else None) != 0:
+        sys.exit("error: the teacher's run failed, so no student can run.")
+    queue = Queue()
+    for job in students:
+        queue.put(job)
+    failures = []
+
+    def worker(gpu):
+        while True:
+            try:
+                out, command = queue.get_nowait()
+            except Empty:
+                return
+            if run(out, command, gpu) != 0:
+                failures.append(out)
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        sys.exit(f"error: {len(failures)} run(s) failed: {', '.join(failures)}")
+    print(f"all runs complete in {root}; report: python report.py {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import report
+from conftest import ROOT, run_script
+
+
+def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110"):
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    args = {"dataset": dataset, "model": model, "seed": seed, "epochs": len(test_top1)}
+    if method != "baseline":
+        args.update(method=method, teacher_arch=teacher)
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump(args, f)
+    with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
+        fields = ["epoch", "train_loss", "test_top1"] + (["val_top1"] if val_top1 else []) + ["seconds"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for e, acc in enumerate(test_top1):
+            row = {"epoch": e + 1, "train_loss": 2.0 / (e + 1), "test_top1": acc, "seconds": 30.0}
+            if val_top1:
+                row["val_top1"] = val_top1[e]
+            writer.writerow(row)
+
+
+BASE = {0: [50, 60, 65], 1: [52, 63, 64], 2: [49, 61, 66]}
+ST = {0: [55, 70, 69], 1: [54, 66, 68], 2: [56, 71, 70.5]}
+ST_VAL = {0: [1, 3, 2], 1: [1, 2, 3], 2: [3, 2, 1]}  # validation picks epochs 2, 3 and 1
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed in BASE:
+        fake_run(tmp_path, f"base{seed}", "cifar10", "baseline", "resnet20", seed, BASE[seed])
+        fake_run(tmp_path, f"st{seed}", "cifar10", "st", "resnet20", seed, ST[seed], ST_VAL[seed])
+    fake_run(tmp_path, "teacher", "cifar10", "baseline", "resnet110", 0, [70, 80, 90])
+    return str(tmp_path)
+
+
+def test_report_means_stds_and_gains(runs):
+    table = {(row["method"], row["model"]): row for row in report.summarise(report.read_runs(runs))}
+    base_last = np.array([v[-1] for v in BASE.values()])
+    st_last = np.array([v[-1] for v in ST.values()])
+    st_best = np.array([ST[s][int(np.argmax(ST_VAL[s]))] for s in ST])  # chosen on validation
+    base_best = np.array([max(v) for v in BASE.values()])                 # chosen on test
+    st, base = table[("st", "resnet20")], table[("baseline", "resnet20")]
+    assert st["last"] == pytest.approx((st_last.mean(), st_last.std(ddof=1)))
+    assert st["best"] == pytest.approx((st_best.mean(), st_best.std(ddof=1)))
+    assert base["best"] == pytest.approx((base_best.mean(), base_best.std(ddof=1)))
+    assert st["gain"] == pytest.approx(st_last.mean() - base_last.mean())
+    assert st["selected_on"] == "val" and base["selected_on"] == "test"
+    assert st["published"] == 92.82 and base["published"] == 92.37
+    assert table[("baseline", "resnet110")]["last"] == (90, None)
+    text = report.markdown(report.summarise(report.read_runs(runs)))
+    assert f"{st_last.mean():.2f} ± {st_last.std(ddof=1):.2f}" in text
+    assert f"{st_last.mean() - base_last.mean():+.2f}" in text
+    assert text.index("| baseline | resnet20") < text.index("| st | resnet20")
+
+
+def test_report_command_writes_markdown_and_plots(runs):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), runs], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.exists(os.path.join(runs, "report.md"))
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(os.path.join(runs, "test_top1.png")) > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in proc.stdout
+
+
+def test_report_without_matplotlib_says_so(runs):
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['report.py', sys.argv[1]]; "
+            "import report; report.main()")
+    proc = subprocess.run([sys.executable, "-c", code, runs], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "matplotlib is not installed, so no plots were drawn (pip install matplotlib)" in proc.stdout
+
+
+def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
+    root = tmp_path / "sweep"
+    args = ("sweep.py", "--data-root", cifar10_root, "--teacher", "resnet8", "--student", "resnet8", "--methods",
+            "st", "at", "--seeds", 0, 1, "--output-root", root, "--gpus", "--", "--epochs", 1,
+            "--batch-size", 40, "--device", "cpu")
+    first = run_script(*args)
+    names = sorted(os.listdir(root))
+    assert names == sorted(["teacher-resnet8-seed0", "baseline-resnet8-seed0", "baseline-resnet8-seed1",
+                            "st-resnet8-seed0", "st-resnet8-seed1", "at-resnet8-seed0", "at-resnet8-seed1"])
+    assert first.stdout.count("run   ") == 7 and "all runs complete" in first.stdout
+    for name in names:
+        assert os.path.exists(root / name / "last.pt")
+    os.remove(root / "at-resnet8-seed1" / "metrics.csv")  # an unfinished run is redone
+    os.remove(root / "at-resnet8-seed1" / "last.pt")
+    second = run_script(*args)
+    assert second.stdout.count("skip  ") == 6 and second.stdout.count("run   ") == 1
+    table = report.summarise(report.read_runs(str(root)))
+    assert {(row["method"], tuple(row["seeds"])) for row in table} >= {("st", (0, 1)), ("at", (0, 1))}
