@@ -5,7 +5,7 @@
 
 Everything after `--` goes to train_base.py and train_kd.py alike (the recipe flags). A run whose
 folder already holds all its epochs is skipped; an interrupted one is resumed (--resume auto).
-The teacher trains first; the other runs then go one after another on one device, or on several
+The teacher trains first (its last.pt, not a best.pt chosen on the test set, teaches); the other runs then go one after another on one device, or on several
 GPUs at once (one run per GPU, --gpus). Then: python report.py <output-root>.
 """
 import argparse
@@ -33,6 +33,8 @@ def get_args_parser():
     parser.add_argument("--data-root", default="./dataset", help="passed to the scripts")
     parser.add_argument("--teacher", choices=list(MODELS), default="resnet110", help="teacher architecture")
     parser.add_argument("--teacher-seed", type=non_negative_int, default=0, help="seed of the one teacher")
+    parser.add_argument("--teacher-checkpoint", help="use this teacher (a train_base.py checkpoint) instead of "
+                                                     "training one (--teacher then only names --output-root)")
     parser.add_argument("--student", choices=list(MODELS), default="resnet20", help="student architecture")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="KD methods (default: all)")
@@ -60,16 +62,14 @@ def is_complete(out):
 
 
 def jobs(args, root):
-    """(name, command) of every run of the sweep, the teacher first."""
+    """(folder, command) of every student run of the sweep."""
     common = ["--dataset", args.dataset, "--data-root", args.data_root, *args.script_args]
-    teacher_dir = os.path.join(root, f"teacher-{args.teacher}-seed{args.teacher_seed}")
-    yield teacher_dir, ["train_base.py", "--model", args.teacher, "--seed", str(args.teacher_seed), *common]
     for seed in args.seeds:
         yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
                ["train_base.py", "--model", args.student, "--seed", str(seed), *common])
         for method in args.methods:
             yield (os.path.join(root, f"{method}-{args.student}-seed{seed}"),
-                   ["train_kd.py", "--teacher", os.path.join(teacher_dir, "last.pt"), "--student", args.student,
+                   ["train_kd.py", "--teacher", args.teacher_checkpoint, "--student", args.student,
                     "--method", method, "--seed", str(seed), *common])
 
 
@@ -98,11 +98,17 @@ def main():
         args.script_args = args.script_args[1:]
     root = args.output_root or os.path.join("runs", f"sweep-{args.dataset}-{args.teacher}-to-{args.student}")
     gpus = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
-    (teacher_dir, teacher_cmd), *students = jobs(args, root)
-    if run(teacher_dir, teacher_cmd, gpus[0] if gpus else None) != 0:
-        sys.exit("error: the teacher's run failed, so no student can run.")
+    if args.teacher_checkpoint is None:
+        teacher_dir = os.path.join(root, f"teacher-{args.teacher}-seed{args.teacher_seed}")
+        teacher_cmd = ["train_base.py", "--model", args.teacher, "--seed", str(args.teacher_seed),
+                       "--dataset", args.dataset, "--data-root", args.data_root, *args.script_args]
+        if run(teacher_dir, teacher_cmd, gpus[0] if gpus else None) != 0:
+            sys.exit("error: the teacher's run failed, so no student can run.")
+        args.teacher_checkpoint = os.path.join(teacher_dir, "last.pt")
+    elif not os.path.isfile(args.teacher_checkpoint):
+        sys.exit(f"error: --teacher-checkpoint {args.teacher_checkpoint} does not exist.")
     queue = Queue()
-    for job in students:
+    for job in jobs(args, root):
         queue.put(job)
     failures = []
 
