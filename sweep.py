@@ -5,8 +5,9 @@
 
 Everything after `--` goes to train_base.py and train_kd.py alike (the recipe flags). A run whose
 folder already holds all its epochs is skipped; an interrupted one is resumed (--resume auto).
-The teacher trains first (its last.pt, not a best.pt chosen on the test set, teaches); the other runs then go one after another on one device, or on several
-GPUs at once (one run per GPU, --gpus). Then: python report.py <output-root>.
+The teacher trains first (its last.pt teaches, not a best.pt that may have been chosen on the test
+set); the other runs then go one after another on one device, or on several GPUs at once (one run
+per GPU, --gpus). Then: python report.py <output-root>.
 """
 import argparse
 import csv
