@@ -140,9 +140,10 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def _sum_over_processes(tensor, op=None):
+def _over_processes(tensor, op="sum"):
+    """The tensor reduced ('sum' or 'max') over the torchrun processes; itself in a single process."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
 
 
@@ -172,8 +173,8 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
         if step % check_every == 0 or step == len(loader):
             signalled = stop is not None and stop.signum is not None
-            flags = _sum_over_processes(torch.stack([first_bad_step, torch.tensor(int(signalled), device=device)]),
-                                        dist.ReduceOp.MAX if dist.is_initialized() else None).tolist()
+            flags = torch.stack([first_bad_step, torch.tensor(int(signalled), device=device)])
+            flags = _over_processes(flags, "max").tolist()
             if flags[0] >= 0:
                 raise Diverged(flags[0])
             if flags[1]:
@@ -181,8 +182,8 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
             if isinstance(bar, tqdm) and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     names = list(sums)
-    totals = _sum_over_processes(torch.stack([sums[k] for k in names] + [correct * 1.0, torch.tensor(
-        float(seen), device=device)])).tolist()
+    seen = torch.tensor(float(seen), device=device)
+    totals = _over_processes(torch.stack([sums[k] for k in names] + [correct * 1.0, seen])).tolist()
     stats = {name: value / totals[-1] for name, value in zip(names, totals)}
     stats["top1"] = 100.0 * totals[-2] / totals[-1]
     return stats
@@ -200,7 +201,7 @@ def evaluate(model, loader, amp=False):
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), hits[:, 0].sum(),
                                hits.any(1).sum(), torch.tensor(len(targets), device=device)]).double()
-    loss_sum, top1, top5, seen = _sum_over_processes(totals).tolist()
+    loss_sum, top1, top5, seen = _over_processes(totals).tolist()
     return {"loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 

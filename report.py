@@ -78,7 +78,8 @@ def summarise(runs):
         published = PUBLISHED.get(dataset, {}).get((method, model))
         if method != "baseline" and teacher != "resnet110":
             published = None  # the published KD numbers are for a ResNet-110 teacher
-        table.append({"dataset": dataset, "epochs": epochs, "method": method, "model": model, "teacher": teacher, "runs": group,
+        table.append({"dataset": dataset, "epochs": epochs, "method": method, "model": model, "teacher": teacher,
+                      "runs": group,
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
                       "gain": None if base is None or method == "baseline" else last[0] - base,
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),

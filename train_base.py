@@ -12,9 +12,9 @@ import torch
 from data import DATASETS, make_loaders
 from engine import Supervised, build_optimizer, fit
 from models import MODELS, SHORTCUTS, build_model
-from utils import (HelpFormatter, UserError, adopt_config, find_resume, fraction, non_negative_float,
-                   non_negative_int, parse_args, positive_float, positive_int, prepare_output_dir,
-                   resolve_device, run_main, set_seed, write_json, is_main, log, barrier)
+from utils import (HelpFormatter, UserError, adopt_config, barrier, find_resume, fraction, is_main, log,
+                   non_negative_float, non_negative_int, parse_args, positive_float, positive_int,
+                   prepare_output_dir, resolve_device, run_main, set_seed, write_json)
 
 # Per data set: CIFAR-10 as in He et al. 2016 (the seed zoo), CIFAR-100 as in the CRD benchmark.
 RECIPES = {
@@ -77,9 +77,10 @@ def resolve_recipe(args):
     """Fills the recipe flags the user left out from RECIPES[args.dataset], in place."""
     recipe = RECIPES[args.dataset]
     if args.lr_milestones is None and args.epochs is not None and args.epochs != recipe["epochs"]:
-        args.lr_milestones = sorted({max(1, round(m * args.epochs / recipe["epochs"])) for m in recipe["lr_milestones"]})
+        scale = args.epochs / recipe["epochs"]
+        args.lr_milestones = sorted({max(1, round(m * scale)) for m in recipe["lr_milestones"]})
         log(f"note: --epochs {args.epochs} without --lr-milestones: the recipe's milestones "
-              f"{recipe['lr_milestones']} scaled to {args.lr_milestones}")
+            f"{recipe['lr_milestones']} scaled to {args.lr_milestones}")
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -16,9 +16,9 @@ from kd_losses import METHODS, add_method_args, build_method, resolve_method_arg
 from models import build_model
 from train_base import get_args_parser as get_base_parser
 from train_base import resolve_recipe, resolve_speed
-from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, find_resume, load_checkpoint,
-                   load_weights, non_negative_float, parse_args, prepare_output_dir, resolve_device, run_main,
-                   save_atomic, set_seed, write_json, is_main, log, barrier)
+from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, barrier, find_resume, is_main,
+                   load_checkpoint, load_weights, log, non_negative_float, parse_args, prepare_output_dir,
+                   resolve_device, run_main, save_atomic, set_seed, write_json)
 
 
 def get_args_parser():

@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 

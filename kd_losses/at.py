@@ -25,7 +25,8 @@ class AttentionTransfer(KDMethod):
         super().__init__(student_shapes, teacher_shapes)
         for name in STAGES:
             if student_shapes[name][1:] != teacher_shapes[name][1:]:
-                raise ValueError(f"AT needs equal spatial sizes, got {student_shapes[name]} and {teacher_shapes[name]} at {name}")
+                raise ValueError(f"AT needs equal spatial sizes, got {student_shapes[name]} and "
+                                 f"{teacher_shapes[name]} at {name}")
         self.p = p
 
     def forward(self, student, teacher, targets):
