@@ -11,7 +11,7 @@ import json
 import os
 
 from data import DATASETS, make_loaders
-from engine import Distiller, build_optimizer, evaluate, fit
+from engine import Distiller, build_optimizer, evaluate, fit, freeze_teacher
 from kd_losses import METHODS, add_method_args, build_method, resolve_method_args
 from models import build_model
 from train_base import get_args_parser as get_base_parser
@@ -100,7 +100,7 @@ def main(args, given):
     args.teacher_sha256 = digest
     device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
-    teacher = load_teacher(args, teacher_ckpt, device).to(memory_format=memory_format)
+    teacher = freeze_teacher(load_teacher(args, teacher_ckpt, device)).to(memory_format=memory_format)
     set_seed(args.seed)
     num_classes = DATASETS[args.dataset].num_classes
     # built first after seeding, exactly as in train_base.py, so it starts from the baseline's weights

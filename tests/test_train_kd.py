@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_user_error, run_script
 from data import DATASETS, DeviceLoader
-from engine import Distiller, build_optimizer, train_one_epoch
+from engine import Distiller, build_optimizer, freeze_teacher, train_one_epoch
 from kd_losses import METHODS, build_method
 from models import build_model
 
@@ -84,6 +84,7 @@ def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_
 def test_teacher_is_never_updated():
     torch.manual_seed(0)
     student, teacher = build_model("resnet8", 10), build_model("resnet14", 10)
+    freeze_teacher(teacher)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     spec = DATASETS["cifar10"]
     loader = DeviceLoader(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10,
@@ -99,7 +100,7 @@ def test_teacher_is_never_updated():
         assert "teacher" not in dict(task.named_children())
         assert all(not k.startswith("teacher") for k in task.state_dict())
     after = teacher.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running statistics included
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
@@ -122,3 +123,19 @@ def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
     assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common, "--ft-k", 0.25, check=False),
                       "--ft-k belongs to --method ft")
     assert not out.exists()
+
+
+def test_folded_teacher_gives_the_same_outputs_and_features():
+    torch.manual_seed(0)
+    teacher = build_model("resnet14", 10)
+    x = torch.randn(6, 3, 32, 32)
+    teacher.train()(x)  # moves the BN running statistics away from their initial values
+    teacher.eval()
+    with torch.no_grad():
+        logits, feats = teacher(x, features=True)
+        folded = freeze_teacher(teacher)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        logits2, feats2 = folded(x, features=True)
+    assert torch.allclose(logits, logits2, rtol=1e-4, atol=1e-5)
+    for k in feats:
+        assert torch.allclose(feats[k], feats2[k], rtol=1e-4, atol=1e-5), k
