@@ -56,10 +56,11 @@ def file_sha256(path):
 
 def run_stage(task, loader, args):
     """Runs the method's stage before training (FT's paraphraser), or loads its result when the
-    same teacher, student, seed and settings already produced it; saves it in the output folder
+    same teacher, student, seed, data and settings already produced it; saves it in the output folder
     and, where that folder is writable, beside the teacher for the next run."""
     key = {k: getattr(args, k) for k in ("method", "model", "seed", "dataset", "val_split", "batch_size",
                                           "teacher_sha256", *METHODS[args.method].hyperparameters)}
+    key["data_root"] = os.path.abspath(args.data_root)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(os.path.dirname(os.path.abspath(args.teacher)), f"stage-{args.method}-{digest}.pt")
     if os.path.exists(cache):
