@@ -1,6 +1,6 @@
 """Distil a CIFAR teacher checkpoint (written by train_base.py) into a student with one KD method.
 
-    python train_kd.py --teacher runs/cifar10-resnet110-seed0/best.pt --student resnet20 --method st
+    python train_kd.py --teacher runs/cifar10-resnet110-seed0/last.pt --student resnet20 --method st
 
 Takes every flag of train_base.py (--model is called --student here) plus the ones below. The
 teacher's architecture, class count and data set come from its checkpoint.
