@@ -212,5 +212,5 @@ def make_loaders(args, device, rank=0, world_size=1):
     if args.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
     log(f"{spec.title} from {args.data_root}: {len(train_y)} training, "
-          f"{args.val_split} validation and {len(test_y)} test images on {device}")
+        f"{args.val_split} validation and {len(test_y)} test images on {device}")
     return loaders, spec.num_classes

@@ -277,6 +277,7 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
     Under torchrun the task trains wrapped in DistributedDataParallel; rank 0 alone logs and writes.
     """
     student = task.student
+    amp = args.amp == "bf16"
     trainer = task
     if dist.is_initialized():
         device = loaders["train"].labels.device
@@ -306,7 +307,7 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
             lr = optimizer.param_groups[0]["lr"]
             try:
                 train = train_one_epoch(trainer, loaders["train"], optimizer, f"epoch {epoch}/{args.epochs}",
-                                        stop, args.amp == "bf16")
+                                        stop, amp)
             except Diverged as e:
                 raise UserError(
                     f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
@@ -323,8 +324,8 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
                 sys.exit(128 + signum)
             _share_buffers(task)
             scheduler.step()
-            test = evaluate(student, loaders["test"], args.amp == "bf16")
-            val = evaluate(student, loaders["val"], args.amp == "bf16") if "val" in loaders else None
+            test = evaluate(student, loaders["test"], amp)
+            val = evaluate(student, loaders["val"], amp) if "val" in loaders else None
             seconds = time.perf_counter() - start
 
             row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"]}

@@ -119,12 +119,13 @@ def fraction(text):
     return value
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, fsync, then rename: a crash leaves the old file whole."""
+def write_atomic(path, write, mode="w"):
+    """write(file) into a temporary file beside `path`, fsync, then rename: a crash or a full disk
+    leaves the previous file whole, and a failed write is one clear error."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -132,6 +133,10 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"Could not write {path} ({e.strerror or e}); the previous file, if any, is intact.") from None
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
 def load_checkpoint(path):
@@ -176,24 +181,17 @@ def load_weights(module, state_dict, what):
 
 
 def write_json(obj, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def write_csv(rows, path):
-    """Writes all rows at once, atomically (resume rewrites metrics.csv from the checkpoint's history)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    """Writes all rows at once (resume rewrites metrics.csv from the checkpoint's history)."""
+    def write(f):
         if rows:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 def append_csv_row(row, path):
