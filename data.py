@@ -136,6 +136,11 @@ class DeviceLoader:
     Training loaders shuffle and augment every epoch with their own seeded generator (its state
     is all a resumed run needs to replay the same batches); evaluation loaders do neither.
 
+    Training batches are (images, labels, indices), indices being the samples' positions in the
+    set; with `negatives` = K > 0, indices is N x (1 + K): column 0 the sample, then K samples of
+    other classes drawn uniformly (a contrastive method's negatives). Evaluation batches are
+    (images, labels).
+
     Under torchrun (world_size > 1) batch_size is the global batch: every process draws the same
     permutation and augmentation for the whole global batch and keeps its own contiguous slice, so
     the processes together see exactly the batches of a single-process run. A last batch smaller
@@ -146,6 +151,7 @@ class DeviceLoader:
     def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False,
                  rank=0, world_size=1):
         self.images, self.labels = images, labels
+        self.negatives = 0  # other-class indices per sample: see add_negatives
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size = rank, world_size
         device = images.device
@@ -193,8 +199,30 @@ class DeviceLoader:
             if len(index) < self.world_size:
                 break
             batch = random_crop_flip(self.images[index], self.generator)
+            if self.negatives:
+                index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
-            yield self.normalize(batch[lo:hi]), self.labels[index[lo:hi]]
+            index = index[lo:hi]
+            yield self.normalize(batch[lo:hi]), self.labels[index if index.dim() == 1 else index[:, 0]], index
+
+    def add_negatives(self, k):
+        """From now on, batches carry k other-class indices per sample (see the class docstring)."""
+        self.negatives = k
+        self._by_class = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels)
+        self._class_start, self._class_count = torch.cumsum(counts, 0) - counts, counts
+
+    def _other_class_samples(self, index):
+        """`negatives` random indices per sample, each of a class other than the sample's: a
+        position drawn among the n - n_c samples outside class c, stepped over class c's block of
+        the class-sorted order."""
+        c = self.labels[index]
+        start, count = self._class_start[c][:, None], self._class_count[c][:, None]
+        outside = len(self.labels) - count
+        u = torch.rand(len(index), self.negatives, generator=self.generator, device=index.device)
+        position = torch.minimum((u * outside).long(), outside - 1)
+        position = position + (position >= start) * count
+        return self._by_class[position]
 
 
 def make_loaders(args, device, rank=0, world_size=1):

@@ -1,9 +1,11 @@
 """The one training loop shared by train_base.py and train_kd.py.
 
-A *task* is an nn.Module whose forward(images, targets) returns (student_logits, terms), where
-terms maps a name ('ce', 'kd', ...) to a weighted scalar loss; the optimised loss is their sum.
-Supervised is plain cross-entropy; Distiller adds a teacher and a KD method. Everything the task
-owns (student, connectors, translators) is trained and checkpointed; the teacher is not.
+A *task* is an nn.Module whose forward(images, targets, indices) returns (student_logits, terms),
+where terms maps a name ('ce', 'kd', ...) to a weighted scalar loss; the optimised loss is their
+sum, and indices are the batch's positions in the training set. start_epoch(epoch, epochs) is
+called before each epoch. Supervised is plain cross-entropy; Distiller adds a teacher and a KD
+method. Everything the task owns (student, connectors, translators, a peer) is trained and
+checkpointed; the teacher is not.
 """
 import inspect
 import os
@@ -37,12 +39,15 @@ class Supervised(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, images, targets):
+    def forward(self, images, targets, indices):
         return self.student_loss(images, targets)
 
     def student_loss(self, images, targets):
         logits = self.student(images)
         return logits, {"ce": F.cross_entropy(logits.float(), targets)}
+
+    def start_epoch(self, epoch, epochs):
+        pass
 
     def compile_steps(self, device):
         """torch.compile the training step's forward (and so its backward)."""
@@ -59,7 +64,8 @@ def freeze_teacher(teacher):
 
 class Distiller(nn.Module):
     """Student + KD method. The teacher is kept out of the module tree (so it is never in the
-    optimizer, the checkpoint or a DDP wrapper) and runs under inference mode."""
+    optimizer, the checkpoint or a DDP wrapper) and runs under inference mode. A KD weight of 0
+    leaves out the method and the teacher altogether: the step is then the baseline's."""
 
     def __init__(self, student, teacher, method, ce_weight, kd_weight):
         super().__init__()
@@ -70,9 +76,17 @@ class Distiller(nn.Module):
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
 
     def compile_steps(self, device):
-        """torch.compile the student's step (forward, loss and so backward) and the teacher's forward."""
+        """torch.compile the student's step (forward, loss and so backward) and the teacher's forward,
+        unless the method's step cannot be compiled (it says so), which then runs eagerly."""
         object.__setattr__(self, "teacher_forward", torch.compile(self.teacher, mode=compile_mode(device)))
-        self.student_loss = torch.compile(self.student_loss, mode=compile_mode(device))
+        if self.method.compilable:
+            self.student_loss = torch.compile(self.student_loss, mode=compile_mode(device))
+        else:
+            log(f"--compile: the {self.method.name} step stays eager (it cannot be compiled); "
+                f"the teacher's forward is compiled")
+
+    def start_epoch(self, epoch, epochs):
+        self.method.start_epoch(epoch, epochs)
 
     def teacher_outputs(self, images):
         with torch.inference_mode():
@@ -80,17 +94,15 @@ class Distiller(nn.Module):
         # inference tensors cannot be saved for backward, so the few the method reads are cloned
         return {"logits": logits.clone(), **{k: feats[k].clone() for k in self.method.features}}
 
-    def forward(self, images, targets):
-        return self.student_loss(images, targets, self.teacher_outputs(images))
-
-    def student_loss(self, images, targets, teacher):
-        if self.method.features:
-            logits, feats = self.student(images, features=True)
-            student = {"logits": logits, **{k: feats[k] for k in self.method.features}}
-        else:
+    def forward(self, images, targets, indices):
+        if self.kd_weight == 0:
             logits = self.student(images)
-            student = {"logits": logits}
-        kd = self.method(student, teacher, targets)
+            return logits, {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
+        teacher = self.teacher_outputs(images) if self.method.reads_teacher else {}
+        return self.student_loss(images, targets, indices, teacher)
+
+    def student_loss(self, images, targets, indices, teacher):
+        logits, kd = self.method.step(self.student, images, targets, indices, teacher)
         terms = {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
         if isinstance(kd, dict):
             terms.update({f"kd_{name}": self.kd_weight * value for name, value in kd.items()})
@@ -160,9 +172,9 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
     first_bad_step = torch.tensor(-1, device=device)
     check_every = 1 if device.type == "cpu" else CHECK_EVERY
     bar = progress_bar(loader, desc) if is_main() else loader
-    for step, (images, targets) in enumerate(bar, start=1):
+    for step, (images, targets, indices) in enumerate(bar, start=1):
         with autocast(images.device, amp):
-            logits, terms = task(images, targets)
+            logits, terms = task(images, targets, indices)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -305,6 +317,7 @@ def fit(task, optimizer, scheduler, loaders, args, checkpoint_info, resume=None)
         for epoch in range(first_epoch, args.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            task.start_epoch(epoch, args.epochs)
             try:
                 train = train_one_epoch(trainer, loaders["train"], optimizer, f"epoch {epoch}/{args.epochs}",
                                         stop, amp)

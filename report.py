@@ -20,14 +20,42 @@ import sys
 from collections import defaultdict
 
 # Published test top-1 (%) for the ResNet-110 teacher / ResNet-20 student pair: (seed zoo, CRD paper).
+# test top-1 (%) of the seed zoo's README (ResNet-110 -> ResNet-20, single runs) and, for CIFAR-100,
+# of the CRD benchmark (RepDistiller's README; DKD from mdistiller's README), keyed by
+# (method, student, teacher); a baseline's teacher is None
+_SEED_ZOO_R20 = {  # method: (CIFAR-10, CIFAR-100)
+    "logits": (92.98, 69.78), "st": (92.82, 70.06), "at": (93.21, 69.28), "fitnet": (93.04, 69.81),
+    "nst": (92.83, 69.31), "pkt": (93.01, 69.31), "fsp": (92.78, 69.78), "ft": (93.01, 69.49),
+    "rkd": (93.21, 69.36), "ab": (92.96, 69.41), "sp": (93.30, 69.45), "sobolev": (92.60, 69.23),
+    "bss": (92.78, 69.71), "cc": (92.98, 69.33), "lwm": (92.52, 69.11), "irg": (93.13, 69.36),
+    "vid": (92.98, 69.49), "ofd": (93.13, 69.81), "afd": (92.92, 69.60), "crd": (92.92, 70.80),
+    "dml": (92.92, 70.29),
+}
+_CRD_BENCHMARK = {  # (student, teacher): {method: CIFAR-100 top-1}
+    ("resnet20", "resnet110"): {"st": 70.67, "fitnet": 68.99, "at": 70.22, "sp": 70.04, "cc": 69.48, "vid": 70.16,
+                                "rkd": 69.25, "pkt": 70.25, "ab": 69.53, "ft": 70.22, "fsp": 70.11, "nst": 69.53,
+                                "crd": 71.46},
+    ("resnet8x4", "resnet32x4"): {"st": 73.33, "fitnet": 73.50, "at": 73.44, "sp": 72.94, "cc": 72.97, "vid": 73.09,
+                                  "rkd": 71.90, "pkt": 73.64, "ab": 73.17, "ft": 72.86, "fsp": 72.62, "nst": 73.30,
+                                  "crd": 75.51, "dkd": 76.32},
+    ("wrn_16_2", "wrn_40_2"): {"st": 74.92, "fitnet": 73.58, "at": 74.08, "sp": 73.83, "cc": 73.56, "vid": 74.11,
+                               "rkd": 73.35, "pkt": 74.54, "ab": 72.50, "ft": 73.25, "fsp": 72.91, "nst": 73.68,
+                               "crd": 75.48, "dkd": 76.23},
+    ("resnet20", "resnet56"): {"st": 70.66, "crd": 71.16, "dkd": 71.97},
+    ("resnet32", "resnet110"): {"st": 73.08, "crd": 73.48, "dkd": 74.11},
+}
+_CRD_BASELINES = {"resnet20": 69.06, "resnet32": 71.14, "resnet56": 72.34, "resnet110": 74.31, "resnet8x4": 72.50,
+                  "resnet32x4": 79.42, "wrn_16_2": 73.26, "wrn_40_2": 75.61}
 PUBLISHED = {
-    "cifar10": {("baseline", "resnet20"): 92.37, ("baseline", "resnet110"): 93.86, ("st", "resnet20"): 92.82,
-                ("at", "resnet20"): 93.21, ("fitnet", "resnet20"): 93.04, ("nst", "resnet20"): 92.83,
-                ("ft", "resnet20"): 93.01, ("rkd", "resnet20"): 93.21},
-    "cifar100": {("baseline", "resnet20"): (68.92, 69.06), ("baseline", "resnet110"): (73.15, 74.31),
-                 ("st", "resnet20"): (70.06, 70.67), ("at", "resnet20"): (69.28, 70.22),
-                 ("fitnet", "resnet20"): (69.81, 68.99), ("nst", "resnet20"): (69.31, 69.53),
-                 ("ft", "resnet20"): (69.49, 70.22), ("rkd", "resnet20"): (69.36, 69.25)},
+    "cifar10": {**{(m, "resnet20", "resnet110"): c10 for m, (c10, _) in _SEED_ZOO_R20.items()},
+                ("baseline", "resnet20", None): 92.37, ("baseline", "resnet110", None): 93.86},
+    "cifar100": {
+        **{(m, s, t): (None, top1) for (s, t), rows in _CRD_BENCHMARK.items() for m, top1 in rows.items()},
+        **{(m, "resnet20", "resnet110"): (c100, _CRD_BENCHMARK[("resnet20", "resnet110")].get(m))
+           for m, (_, c100) in _SEED_ZOO_R20.items()},
+        **{("baseline", model, None): (None, top1) for model, top1 in _CRD_BASELINES.items()},
+        ("baseline", "resnet20", None): (68.92, 69.06), ("baseline", "resnet110", None): (73.15, 74.31),
+    },
 }
 
 
@@ -75,9 +103,7 @@ def summarise(runs):
     for (dataset, epochs, method, model, teacher), group in order:
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
         base = baselines.get((dataset, epochs, model))
-        published = PUBLISHED.get(dataset, {}).get((method, model))
-        if method != "baseline" and teacher != "resnet110":
-            published = None  # the published KD numbers are for a ResNet-110 teacher
+        published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "model": model, "teacher": teacher,
                       "runs": group,
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
@@ -90,12 +116,12 @@ def summarise(runs):
 
 def markdown(table):
     lines = ["| data set | epochs | method | student | teacher | seeds | last-epoch top-1 | best-epoch top-1 "
-             "(chosen on) | gain over baseline | published (seed zoo / CRD) | wall time per run |",
+             "(chosen on) | gain over baseline | published (seed zoo / CRD benchmark) | wall time per run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         published = row["published"]
         if isinstance(published, tuple):
-            published = " / ".join(f"{p:.2f}" for p in published)
+            published = " / ".join("–" if p is None else f"{p:.2f}" for p in published)
         elif published is not None:
             published = f"{published:.2f}"
         note = f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""

@@ -105,6 +105,14 @@ def resolve_speed(args, device):
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
+def build_network(name, num_classes, shortcut):
+    """build_model, with a combination the architecture lacks (a WRN with --shortcut identity) as a UserError."""
+    try:
+        return build_model(name, num_classes, shortcut)
+    except ValueError as e:
+        raise UserError(f"--model {name}: {e}.") from None
+
+
 def main(args, given):
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{args.model}-seed{args.seed}")
@@ -116,7 +124,7 @@ def main(args, given):
     device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
     set_seed(args.seed)
-    model = build_model(args.model, DATASETS[args.dataset].num_classes, args.shortcut)
+    model = build_network(args.model, DATASETS[args.dataset].num_classes, args.shortcut)
     model = model.to(device, memory_format=memory_format)
     loaders, num_classes = make_loaders(args, device, rank, world_size)
     if is_main():

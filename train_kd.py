@@ -11,11 +11,11 @@ import json
 import os
 
 from data import DATASETS, make_loaders
-from engine import Distiller, build_optimizer, evaluate, fit, freeze_teacher
-from kd_losses import METHODS, add_method_args, build_method, resolve_method_args
+from engine import Distiller, build_optimizer, evaluate, fit
+from kd_losses import METHODS, add_method_args, build_method, default_weight, resolve_method_args
 from models import build_model
 from train_base import get_args_parser as get_base_parser
-from train_base import resolve_recipe, resolve_speed
+from train_base import build_network, resolve_recipe, resolve_speed
 from utils import (CHECKPOINT_FORMAT, HelpFormatter, UserError, adopt_config, barrier, find_resume, is_main,
                    load_checkpoint, load_weights, log, non_negative_float, parse_args, prepare_output_dir,
                    resolve_device, run_main, save_atomic, set_seed, write_json)
@@ -55,20 +55,23 @@ def file_sha256(path):
 
 
 def run_stage(task, loader, args):
-    """Runs the method's stage before training (FT's paraphraser), or loads its result when the
+    """Runs the method's stage before training (FT's paraphraser, AB's and FSP's student
+    initialisation), or loads its result when the
     same teacher, student, seed, data and settings already produced it; saves it in the output folder
     and, where that folder is writable, beside the teacher for the next run."""
     key = {k: getattr(args, k) for k in ("method", "model", "seed", "dataset", "val_split", "batch_size",
                                           "teacher_sha256", *METHODS[args.method].hyperparameters)}
     key["data_root"] = os.path.abspath(args.data_root)
+    key["format"] = 2  # stage results before this hold only the method's state
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = os.path.join(os.path.dirname(os.path.abspath(args.teacher)), f"stage-{args.method}-{digest}.pt")
     if os.path.exists(cache):
-        load_weights(task.method, load_checkpoint(cache)["method"], f"The stage result {cache}")
+        load_weights(task, load_checkpoint(cache)["task"], f"The stage result {cache}")
         print(f"{args.method} stage: loaded its result from {cache}")
     else:  # on a copy of the loader, so that the student then sees the batches it would without a stage
-        task.method.train_stage(task.teacher_outputs, loader.unsharded_copy())
-    result = {"format": CHECKPOINT_FORMAT, "key": key, "method": task.method.state_dict()}
+        task.method.train_stage(task.student, task.teacher_outputs, loader.unsharded_copy())
+    # the whole task: a stage may train the student (AB, FSP) as well as the method's parts (FT)
+    result = {"format": CHECKPOINT_FORMAT, "key": key, "task": task.state_dict()}
     save_atomic(result, os.path.join(args.output_dir, "stage.pt"))
     if not os.path.exists(cache):
         try:
@@ -94,26 +97,30 @@ def main(args, given):
         resolve_recipe(args)
     hparams = resolve_method_args(args)
     if args.kd_weight is None:
-        args.kd_weight = METHODS[args.method].default_weight
+        args.kd_weight = default_weight(args.method, args.dataset)
     digest = file_sha256(args.teacher)
     if resume and digest != args.teacher_sha256:
         raise UserError(f"{args.teacher} is not the teacher of the run in {resume[1]} (its contents differ).")
     args.teacher_sha256 = digest
     device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
-    teacher = freeze_teacher(load_teacher(args, teacher_ckpt, device)).to(memory_format=memory_format)
+    teacher = load_teacher(args, teacher_ckpt, device).to(memory_format=memory_format)
+    loaders, _ = make_loaders(args, device, rank, world_size)
     set_seed(args.seed)
     num_classes = DATASETS[args.dataset].num_classes
     # built first after seeding, exactly as in train_base.py, so it starts from the baseline's weights
-    student = build_model(args.model, num_classes, args.shortcut).to(device, memory_format=memory_format)
+    student = build_network(args.model, num_classes, args.shortcut).to(device, memory_format=memory_format)
     try:
-        method = build_method(args.method, hparams, student, teacher).to(device, memory_format=memory_format)
+        method = build_method(args.method, hparams, student, teacher, loaders["train"].labels)
     except ValueError as e:
         raise UserError(f"--method {args.method} cannot pair {args.teacher_arch} with {args.model}: {e}.") from None
+    method.to(device, memory_format=memory_format)
+    if method.negatives_per_sample:
+        loaders["train"].add_negatives(method.negatives_per_sample)
     task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
+    teacher.to(memory_format=memory_format)  # again: folding BN made new convolution weights
     if args.compile:
         task.compile_steps(device)
-    loaders, _ = make_loaders(args, device, rank, world_size)
     if is_main():
         prepare_output_dir(args.output_dir, resuming=resume is not None)
         write_json(vars(args), os.path.join(args.output_dir, "args.json"))
@@ -128,9 +135,10 @@ def main(args, given):
             run_stage(task, loaders["train"], args)
         barrier()
         if not is_main():  # the other processes take rank 0's result rather than training their own
-            load_weights(task.method, load_checkpoint(os.path.join(args.output_dir, "stage.pt"))["method"],
-                         "The stage result")
+            load_weights(task, load_checkpoint(os.path.join(args.output_dir, "stage.pt"))["task"], "The stage result")
 
+    if args.kd_weight == 0:  # the method takes no part in training (see Distiller)
+        task.method.requires_grad_(False)
     optimizer, scheduler = build_optimizer(task, args)
     info = {"arch": args.model, "num_classes": num_classes, "shortcut": args.shortcut, "dataset": args.dataset,
             "config": vars(args), "kd": {"method": args.method, "kd_weight": args.kd_weight,

@@ -1,10 +1,21 @@
-"""What every KD method shares: the registry and the base class.
+"""What every KD method shares: the registry, the base class and the connector rule.
 
 A method is an nn.Module built from the student's and the teacher's feature shapes and its own
 hyper-parameters. forward(student, teacher, targets) gets two dicts holding 'logits' and the
 features named in `features` (see models/resnet.py for the names) and returns the KD loss as a
 tensor, or a dict of named terms that are summed. Learnable parts are submodules.
+
+Most methods need nothing else. The hooks below are for the few that do; each has a no-op default:
+  attach(student, teacher, train_labels)  once, before training: read the networks (the teacher
+      is not yet BN-folded), keep a reference to them, or size a memory bank by the training set
+  start_epoch(epoch, epochs)              before each training epoch (1-based): weight schedules
+  step(student, images, targets, indices, teacher)
+                                          the whole training step, for methods that need more
+      than one forward of each network (input gradients, adversarial samples, a peer network)
+  train_stage(student, teacher_outputs, batches)
+                                          a stage run alone before training (has_stage = True)
 """
+import torch
 import torch.nn as nn
 
 METHODS = {}
@@ -23,14 +34,59 @@ class KDMethod(nn.Module):
     features = ()              # feature names read besides 'logits'
     default_weight = 1.0       # the weight of the KD term unless --kd-weight is given
     hyperparameters = {}       # argument name -> (default, help); each becomes a --flag
-    has_stage = False          # True for a method that trains a part alone before the student
+    has_stage = False          # True for a method that trains something alone before the student
+    reads_teacher = True       # False: the teacher's outputs are not computed (DML reads a peer instead)
+    compilable = True          # False: --compile leaves the step eager (double backward, data-dependent loops)
+    negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
 
     def __init__(self, student_shapes, teacher_shapes, **hparams):
         """student_shapes/teacher_shapes: feature name -> shape of one sample, e.g. (64, 8, 8)."""
         super().__init__()
 
+    def attach(self, student, teacher, train_labels):
+        """Called once before training with both networks and the training labels."""
+
+    def start_epoch(self, epoch, epochs):
+        """Called before each training epoch (1-based) of `epochs`."""
+
+    def step(self, student, images, targets, indices, teacher):
+        """One training step: (student logits, KD loss or dict of terms). `teacher` holds the
+        teacher's logits and this method's features (computed under inference mode); `indices` are
+        the batch's positions in the training set (N x (1 + negatives_per_sample) when
+        negatives_per_sample > 0, column 0 the sample itself)."""
+        if self.features:
+            logits, feats = student(images, features=True)
+            outputs = {"logits": logits, **{k: feats[k] for k in self.features}}
+        else:
+            logits = student(images)
+            outputs = {"logits": logits}
+        # the loss (connectors included) in fp32: under bf16 autocast, .float() inputs alone would
+        # still leave its matrix products in bf16
+        with torch.autocast(images.device.type, enabled=False):
+            loss = self(as_float(outputs), as_float(teacher), targets)
+        return logits, loss
+
     def forward(self, student, teacher, targets):
         raise NotImplementedError
+
+
+def as_float(tensors):
+    return {name: value.float() for name, value in tensors.items()}
+
+
+def connector(student_shape, teacher_shape):
+    """The connector rule, for methods that compare student and teacher features element-wise:
+    nothing where the shapes match; where only the channel counts differ, a 1x1 conv + BN on the
+    student's side (a linear layer + BN for pooled vectors); different spatial sizes are an error."""
+    if tuple(student_shape) == tuple(teacher_shape):
+        return nn.Identity()
+    if tuple(student_shape[1:]) != tuple(teacher_shape[1:]):
+        raise ValueError(f"student features {tuple(student_shape)} and teacher features "
+                         f"{tuple(teacher_shape)} differ in spatial size")
+    c_s, c_t = student_shape[0], teacher_shape[0]
+    if len(student_shape) == 1:
+        return nn.Sequential(nn.Linear(c_s, c_t, bias=False), nn.BatchNorm1d(c_t))
+    return nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
 
 
 def conv_bn_lrelu(in_channels, out_channels, transposed=False):

@@ -42,24 +42,25 @@ class FactorTransfer(KDMethod):
         self.paraphraser.eval()  # frozen after its stage: BN statistics must not move
         return self
 
-    def train_stage(self, teacher_features, batches):
+    def train_stage(self, student, teacher_outputs, batches):
         """Trains the paraphraser to reconstruct the teacher's last stage output, then freezes it.
 
-        teacher_features(images) -> feature dict of the frozen teacher; batches: a training loader."""
+        teacher_outputs(images) -> feature dict of the frozen teacher; batches: a training loader.
+        The student takes no part."""
         self.paraphraser.requires_grad_(True)
         self.paraphraser.train()
         optimizer = torch.optim.SGD(self.paraphraser.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
         for epoch in range(1, self.epochs + 1):
             total, seen = 0.0, 0
-            for images, _ in progress_bar(batches, f"paraphraser {epoch}/{self.epochs}"):
-                target = teacher_features(images)["stage3"].float()
+            for images, _, _ in progress_bar(batches, f"paraphraser {epoch}/{self.epochs}"):
+                target = teacher_outputs(images)["stage3"].float()
                 loss = F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total, seen = total + loss.detach() * len(images), seen + len(images)
             if epoch == 1 or epoch == self.epochs or epoch % 10 == 0:
-                print(f"paraphraser epoch {epoch}/{self.epochs}: reconstruction mse {float(total) / seen:.5f}",
+                print(f"ft stage epoch {epoch}/{self.epochs}: paraphraser reconstruction mse {float(total) / seen:.5f}",
                       flush=True)
         self.paraphraser.requires_grad_(False)
         self.paraphraser.eval()

@@ -1,7 +1,19 @@
 """CIFAR ResNets of depth 6n + 2 (He et al. 2016, section 4.2): a 3x3 stem, three stages of n basic
-blocks with 16, 32 and 64 channels, global average pooling and a linear classifier."""
+blocks with 16, 32 and 64 channels, global average pooling and a linear classifier. The CRD benchmark's
+resnet8x4 / resnet32x4 (RepDistiller) are the same nets with a 32-channel stem and 64/128/256 channels."""
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def classify(fc, x, feats, features):
+    """The head shared by the CIFAR nets: global average pooling and the linear classifier. Returns
+    the logits, or (logits, feats) with the pooled vector added as 'pool' when features is True."""
+    pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    logits = fc(pooled)
+    if not features:
+        return logits
+    feats["pool"] = pooled
+    return logits, feats
 
 
 class ZeroPadShortcut(nn.Module):
@@ -19,6 +31,8 @@ class ZeroPadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions plus a shortcut; returns the sum before the final ReLU so that the
     network can expose pre-ReLU features (the ReLU is applied by the caller)."""
+
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # each conv feeds its BN directly: foldable
 
     def __init__(self, in_channels, out_channels, stride, shortcut):
         super().__init__()
@@ -42,16 +56,22 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """forward(x) gives logits; forward(x, features=True) gives (logits, features) where features
     has 'stem', 'stage1'..'stage3' (after ReLU), 'stage1_pre'..'stage3_pre' (the last block of
-    each stage before its ReLU) and 'pool' (the pooled vector fed to the classifier)."""
+    each stage before its ReLU) and 'pool' (the pooled vector fed to the classifier). The stem has
+    stem_width channels (default widths[0]); a first block that changes the width or the resolution
+    gets the `shortcut` kind."""
 
-    def __init__(self, depth, num_classes, shortcut="projection", widths=(16, 32, 64)):
+    conv_bn_pairs = (("conv1", "bn1"),)
+
+    def __init__(self, depth, num_classes, shortcut="projection", widths=(16, 32, 64), stem_width=None):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        stages, in_channels = [], widths[0]
+        stem_width = stem_width or widths[0]
+        self.num_classes, self.shortcut = num_classes, shortcut
+        self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        stages, in_channels = [], stem_width
         for i, width in enumerate(widths):
             stride = 1 if i == 0 else 2
             stage = [BasicBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1, shortcut)
@@ -60,7 +80,7 @@ class CifarResNet(nn.Module):
             in_channels = width
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(widths[-1], num_classes)
-        self.feature_channels = {"stem": widths[0], "pool": widths[-1],
+        self.feature_channels = {"stem": stem_width, "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
         for m in self.modules():
@@ -70,6 +90,13 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def pre_relu_batchnorms(self):
+        """{'stagek_pre': the BN whose output, plus the shortcut, is that feature}: each stage's last bn2."""
+        bns = {f"stage{i}_pre": stage[-1].bn2 for i, stage in enumerate(self.stages, start=1)}
+        if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns.values()):
+            raise RuntimeError("the batch norms were folded into the convolutions (fold_batchnorm)")
+        return bns
+
     def forward(self, x, features=False):
         x = F.relu(self.bn1(self.conv1(x)))
         feats = {"stem": x}
@@ -78,9 +105,4 @@ class CifarResNet(nn.Module):
                 pre = block(x)
                 x = F.relu(pre)
             feats[f"stage{i}_pre"], feats[f"stage{i}"] = pre, x
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        logits = self.fc(pooled)
-        if not features:
-            return logits
-        feats["pool"] = pooled
-        return logits, feats
+        return classify(self.fc, x, feats, features)

@@ -17,7 +17,8 @@ BASE_FLAGS = [
     ("--device", "gpu"), ("--val-split", "0.1"), ("--resume", None), ("--lr-milestones", None),
 ]
 KD_FLAGS = [("--kd-weight", "-1"), ("--kd-weight", "heavy"), ("--ce-weight", "nan"), ("--T", "0"),
-            ("--p", "-2"), ("--ft-k", "0"), ("--ft-epochs", "1.5"), ("--w-dist", "x"), ("--w-angle", "-50")]
+            ("--p", "-2"), ("--ft-k", "0"), ("--ft-epochs", "1.5"), ("--w-dist", "x"), ("--w-angle", "-50"),
+            ("--cc-order", "2.5"), ("--crd-negatives", "0"), ("--dkd-beta", "-8"), ("--bss-steps", "ten")]
 
 
 def parse_error(parser, argv, capsys):
@@ -46,6 +47,19 @@ def test_bad_flag_through_the_script(cifar10_root, tmp_path):
 def test_bad_kd_flag(flag, value, capsys):
     message = parse_error(train_kd.get_args_parser(), ["--teacher", "t.pt", "--method", "st", flag, value], capsys)
     assert "error: argument" in message and flag in message, message
+
+
+@pytest.mark.parametrize("script", [train_base, train_kd], ids=["train_base", "train_kd"])
+def test_help_shows_every_flag(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.get_args_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    flags = [a.option_strings[0] for a in script.get_args_parser()._actions if a.option_strings]
+    assert flags and all(flag in shown for flag in flags)
+    if script is train_kd:  # every method's flags, a shared one with each method's default
+        assert len([f for f in flags if f not in train_base.get_args_parser()._option_string_actions]) > 30
+        assert "(default: st 4.0, bss 3.0, dkd 4.0)" in " ".join(shown.split())
 
 
 def test_missing_required_kd_flags(capsys):

@@ -105,7 +105,7 @@ def test_training_loader_is_seeded_and_normalises():
 
     def epoch(seed):
         loader = DeviceLoader(images, labels, 32, mean, std, train=True, seed=seed)
-        return [(x.clone(), y.clone()) for x, y in loader]
+        return [(x.clone(), y.clone()) for x, y, _ in loader]
     a, b, c = epoch(0), epoch(0), epoch(1)
     assert [len(y) for _, y in a] == [32, 32, 32, 4]
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))

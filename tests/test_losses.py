@@ -6,44 +6,37 @@ import numpy as np
 import pytest
 import torch
 
+from data import DeviceLoader
 from engine import Distiller
-from kd_losses import METHODS, feature_shapes
+from golden import as64, close, fake_outputs
+from kd_losses import METHODS, KDMethod, build_method, default_hyperparameters
+from kd_losses.base import as_float
 from models import build_model
 
 BATCH, CLASSES = 5, 10
-# three stages with different spatial sizes, as AT averages over all three
-SHAPES = {"stage1": (4, 8, 8), "stage2": (6, 6, 6), "stage3": (8, 4, 4), "pool": (8,)}
+# three stages with different spatial sizes, as AT averages over all three; the stem and the
+# pre-ReLU outputs come last so that the draws of the keys before them stay as they were
+SHAPES = {"stage1": (4, 8, 8), "stage2": (6, 6, 6), "stage3": (8, 4, 4), "pool": (8,), "stem": (4, 8, 8),
+          "stage1_pre": (4, 8, 8), "stage2_pre": (6, 6, 6), "stage3_pre": (8, 4, 4)}
 # a wider teacher: every method must cope with student and teacher widths that differ
-WIDE = {**SHAPES, "stage3": (16, 4, 4), "pool": (16,)}
+WIDE = {**SHAPES, "stage3": (16, 4, 4), "pool": (16,), "stage3_pre": (16, 4, 4)}
 
 
 def defaults(name):
-    return {key: default for key, (default, _) in METHODS[name].hyperparameters.items()}
+    return default_hyperparameters(name)
 
 
 def outputs(shapes, seed):
-    """A fake network output: logits and every feature of `shapes`, signed so |f| matters."""
-    g = torch.Generator().manual_seed(seed)
-    out = {"logits": 3 * torch.randn(BATCH, CLASSES, generator=g)}
-    out.update({name: torch.randn(BATCH, *shape, generator=g) for name, shape in shapes.items()})
-    return out
+    return fake_outputs(shapes, seed, BATCH, CLASSES)
 
 
 def targets():
     return torch.arange(BATCH) % CLASSES
 
 
-def as64(tensor):
-    return tensor.detach().double().numpy()
-
-
 def total(loss):
     """RKD returns named terms that the trainer sums; the others a scalar."""
     return sum(loss.values()) if isinstance(loss, dict) else loss
-
-
-def close(got, expected):
-    return got.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
 
 
 def smooth_l1(a, b):
@@ -181,8 +174,26 @@ def test_defaults_match_design():
 
 
 # ------------------------------------------------------------------------------------- properties
+# Methods that keep the base step are checked here on synthetic outputs; those with a step of
+# their own (input gradients, adversarial samples, a peer, memory banks) on real networks below.
+FORWARD_METHODS = sorted(name for name in METHODS if METHODS[name].step is KDMethod.step)
+STEP_METHODS = sorted(name for name in METHODS if METHODS[name].step is not KDMethod.step)
+# learnable parts: always, or only where the teacher is wider (a connector); none for the others
+ALWAYS_LEARNS = {"ft", "vid", "ofd", "afd"}
+CONNECTS_WIDER = {"fitnet", "ab"}
+# not zero for equal outputs, by definition: VID's likelihood keeps its variance term, OFD's
+# connector always transforms the student, AB's hinge still charges |s| < margin
+NOT_ZERO = {"vid", "ofd", "ab"}
+# FSP compares Gram matrices between stages: the channel counts must match, and it has no connector
+NEEDS_EQUAL_WIDTHS = {"fsp"}
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+
+def test_every_method_is_in_one_of_the_groups():
+    assert set(FORWARD_METHODS) | set(STEP_METHODS) == set(METHODS)
+    assert set(STEP_METHODS) == {"sobolev", "lwm", "bss", "crd", "dml"}
+
+
+@pytest.mark.parametrize("name", sorted(set(FORWARD_METHODS) - NOT_ZERO))
 def test_zero_when_student_equals_teacher(name):
     method = METHODS[name](SHAPES, SHAPES, **defaults(name)).train()
     if name == "ft":
@@ -197,14 +208,17 @@ def test_zero_when_student_equals_teacher(name):
 
 
 @pytest.mark.parametrize("teacher_shapes", [SHAPES, WIDE], ids=["same_width", "wider_teacher"])
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", FORWARD_METHODS)
 def test_finite_and_gradients_reach_student_only(name, teacher_shapes):
+    if name in NEEDS_EQUAL_WIDTHS and teacher_shapes is WIDE:
+        with pytest.raises(ValueError):
+            METHODS[name](SHAPES, teacher_shapes, **defaults(name))
+        return
     method = METHODS[name](SHAPES, teacher_shapes, **defaults(name)).train()
     s = {key: value.requires_grad_() for key, value in outputs(SHAPES, 0).items()}
     t = outputs(teacher_shapes, 1)
     t_before = {key: value.clone() for key, value in t.items()}
-    if name == "ft":
-        paraphraser_before = {key: value.clone() for key, value in method.paraphraser.state_dict().items()}
+    frozen_before = {key: value.clone() for key, value in method.state_dict().items()}
 
     loss = method(s, t, targets())
     for term in (loss.values() if isinstance(loss, dict) else [loss]):
@@ -218,33 +232,90 @@ def test_finite_and_gradients_reach_student_only(name, teacher_shapes):
         assert value.grad is None and torch.equal(value, t_before[key]), key
 
     learnable = [p for p in method.parameters() if p.requires_grad]
-    # FT's translator always learns; Fitnet has a connector only where the widths differ
-    assert bool(learnable) == (name == "ft" or (name == "fitnet" and teacher_shapes is WIDE))
+    assert bool(learnable) == (name in ALWAYS_LEARNS or (name in CONNECTS_WIDER and teacher_shapes is WIDE))
     for p in learnable:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     if name == "ft":
         # the paraphraser is frozen after its stage: no gradients, and its BN statistics must not move
         assert all(p.grad is None for p in method.paraphraser.parameters())
         for key, value in method.paraphraser.state_dict().items():
-            assert torch.equal(value, paraphraser_before[key]), key
+            assert torch.equal(value, frozen_before[f"paraphraser.{key}"]), key
+
+
+@pytest.mark.parametrize("name", FORWARD_METHODS)
+def test_loss_is_float32_under_bf16_autocast(name):
+    """Under bf16 autocast the networks' outputs are bf16; the base step computes the loss, connectors
+    included, in fp32 from them: the same value as without autocast, matrix products included."""
+    teacher_shapes = SHAPES if name in NEEDS_EQUAL_WIDTHS else WIDE
+    method = METHODS[name](SHAPES, teacher_shapes, **defaults(name)).eval()
+    s, t = outputs(SHAPES, 0), outputs(teacher_shapes, 1)
+    s_bf16, t_bf16 = ({k: v.bfloat16() for k, v in d.items()} for d in (s, t))
+
+    def student(images, features=False):
+        return (s_bf16["logits"], s_bf16) if features else s_bf16["logits"]
+
+    plain = method(as_float(s_bf16), as_float(t_bf16), targets())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mixed = method.step(student, torch.zeros(BATCH, 3, 32, 32), targets(), torch.arange(BATCH), t_bf16)
+    plain, mixed = (x if isinstance(x, dict) else {"kd": x} for x in (plain, mixed))
+    for term in plain:
+        assert mixed[term].dtype == torch.float32 and close(mixed[term], plain[term].item()), term
 
 
 # ------------------------------------------------------------------------------------ real models
 
-@pytest.fixture(scope="module")
-def resnet8_pair():
-    torch.manual_seed(0)
-    return build_model("resnet8", 10), build_model("resnet8", 10)
+def training_batch(labels, negatives, n=8):
+    images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    loader = DeviceLoader(images, labels, n, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True, seed=0)
+    loader.add_negatives(negatives)
+    return next(iter(loader))
 
 
+PAIRS = [("resnet8", "resnet8"), ("resnet8x4", "resnet8"), ("wrn_16_2", "wrn_16_2")]
+
+
+@pytest.mark.parametrize("teacher_arch, student_arch", PAIRS, ids=["-".join(p) for p in PAIRS])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_builds_and_runs_on_real_resnet8(name, resnet8_pair):
-    student, teacher = resnet8_pair
-    shapes = feature_shapes(student)
-    assert shapes["stage3"] == (64, 8, 8) and shapes["pool"] == (64,)
-    method = METHODS[name](shapes, feature_shapes(teacher), **defaults(name))
+def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student_arch):
+    """One training step through the Distiller: finite terms, gradients on the student (and the
+    method's parts), none on the teacher, whose weights and buffers stay as they were."""
+    torch.manual_seed(0)
+    student, teacher = build_model(student_arch, CLASSES), build_model(teacher_arch, CLASSES)
+    labels = torch.arange(32) % CLASSES
+    hparams = {**defaults(name), **({"crd_negatives": 6} if name == "crd" else {})}
+    if name in NEEDS_EQUAL_WIDTHS and teacher_arch != student_arch:
+        with pytest.raises(ValueError):
+            build_method(name, hparams, student, teacher, labels)
+        return
+    method = build_method(name, hparams, student, teacher, labels)
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).train()
-    _, terms = task(torch.randn(4, 3, 32, 32), torch.arange(4))
-    assert all(torch.isfinite(value) for value in terms.values())
-    # the teacher runs under inference mode: backward shows its outputs are usable in autograd
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images, targets_, indices = training_batch(labels, method.negatives_per_sample)
+    _, terms = task(images, targets_, indices)
+    assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values()), terms
     sum(terms.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    for p in method.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("name", ["sobolev", "lwm", "bss", "dml"])
+def test_own_step_is_zero_for_identical_networks(name):
+    """The student a copy of the teacher (of the peer, for DML), both in eval mode: nothing to distil."""
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet8", CLASSES), build_model("resnet8", CLASSES)
+    student.load_state_dict(teacher.state_dict())
+    labels = torch.arange(32) % CLASSES
+    method = build_method(name, defaults(name), student, teacher, labels)
+    if name == "dml":
+        method.peer.load_state_dict(student.state_dict())
+    task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).eval()
+    images, targets_, indices = training_batch(labels, 0)
+    _, terms = task(images, targets_, indices)
+    kd = terms["kd_kl"] if name == "dml" else terms["kd"]
+    assert abs(kd.item()) < 1e-6

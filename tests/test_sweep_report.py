@@ -64,6 +64,19 @@ def test_report_means_stds_and_gains(runs):
     assert text.index("| baseline | resnet20") < text.index("| st | resnet20")
 
 
+def test_published_numbers_are_per_pair():
+    c100 = report.PUBLISHED["cifar100"]
+    assert c100[("st", "resnet20", "resnet110")] == (70.06, 70.67)    # seed zoo / CRD benchmark
+    assert c100[("dml", "resnet20", "resnet110")] == (70.29, None)    # the seed zoo only
+    assert c100[("crd", "resnet8x4", "resnet32x4")] == (None, 75.51)  # the CRD benchmark only
+    assert c100[("baseline", "wrn_16_2", None)] == (None, 73.26)
+    assert ("st", "resnet20", "resnet56") not in report.PUBLISHED["cifar10"]
+    row = {"dataset": "cifar100", "epochs": 240, "method": "crd", "model": "resnet8x4", "teacher": "resnet32x4",
+           "seeds": [0], "incomplete": 0, "last": (75.0, None), "best": (75.2, None), "selected_on": "test",
+           "gain": 2.5, "published": c100[("crd", "resnet8x4", "resnet32x4")], "seconds": 60}
+    assert "| – / 75.51 |" in report.markdown([row])
+
+
 def test_report_command_writes_markdown_and_plots(runs):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), runs], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

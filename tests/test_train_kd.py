@@ -7,14 +7,17 @@ import torch
 from conftest import assert_user_error, run_script
 from data import DATASETS, DeviceLoader
 from engine import Distiller, build_optimizer, freeze_teacher, train_one_epoch
-from kd_losses import METHODS, build_method
+from kd_losses import METHODS, build_method, default_hyperparameters, default_weight
 from models import build_model
 
 KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", "cpu")
 
 
 def kd_args(method):
-    return KD_TINY + (("--ft-epochs", 1) if method == "ft" else ())
+    """KD_TINY, with a one-epoch stage for the methods that have one and a few CRD negatives."""
+    stage = [(f"--{key.replace('_', '-')}", 1) for key in METHODS[method].hyperparameters if key.endswith("_epochs")]
+    small = [("--crd-negatives", 16)] if method == "crd" else []
+    return KD_TINY + tuple(x for flag in stage + small for x in flag)
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +40,20 @@ def test_every_method_trains_end_to_end(method, teacher, cifar10_root, tmp_path)
     proc = run_script("train_kd.py", "--teacher", teacher, "--method", method, "--data-root", cifar10_root,
                       "--output-dir", out, *kd_args(method))
     assert "teacher resnet14" in proc.stdout and proc.stdout.count("test top1") >= 2
-    expected_files = {"args.json", "best.pt", "last.pt", "metrics.csv"} | ({"stage.pt"} if method == "ft" else set())
+    has_stage = METHODS[method].has_stage
+    expected_files = {"args.json", "best.pt", "last.pt", "metrics.csv"} | ({"stage.pt"} if has_stage else set())
     assert set(os.listdir(out)) == expected_files
+    if has_stage:
+        assert "stage epoch 1/1" in proc.stdout
     (row,) = rows(out)
     kd_columns = [k for k in row if k.startswith("train_kd")]
-    assert "train_ce" in row and kd_columns
+    weight = default_weight(method, "cifar10")
+    # weight 0 (AB, FSP: their loss acts in the stage only) leaves the KD term out of training
+    assert "train_ce" in row and bool(kd_columns) == (weight > 0)
     total = float(row["train_ce"]) + sum(float(row[k]) for k in kd_columns)
     assert total == pytest.approx(float(row["train_loss"]), rel=1e-5)
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["kd"]["method"] == method and ckpt["kd"]["kd_weight"] == METHODS[method].default_weight
+    assert ckpt["kd"]["method"] == method and ckpt["kd"]["kd_weight"] == weight
     assert set(METHODS[method].hyperparameters) <= set(ckpt["kd"]) and ckpt["teacher"]["arch"] == "resnet14"
     assert open(teacher, "rb").read() == teacher_bytes
 
@@ -59,7 +67,7 @@ def test_ft_stage_runs_once_and_is_reused(teacher, cifar10_root, tmp_path):
                     "--output-dir", first, *kd_args("ft"))
     p2 = run_script("train_kd.py", "--teacher", own_teacher, "--method", "ft", "--data-root", cifar10_root,
                     "--output-dir", second, *kd_args("ft"))
-    assert "paraphraser epoch 1/1" in p1.stdout and "paraphraser" not in p2.stdout
+    assert "ft stage epoch 1/1" in p1.stdout and "paraphraser" not in p2.stdout
     assert "loaded its result" in p2.stdout
     assert [f for f in os.listdir(tmp_path) if f.startswith("stage-ft-")]
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (first, second))
@@ -84,14 +92,19 @@ def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_
 def test_teacher_is_never_updated():
     torch.manual_seed(0)
     student, teacher = build_model("resnet8", 10), build_model("resnet14", 10)
-    freeze_teacher(teacher)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    unfolded = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in freeze_teacher(teacher).state_dict().items()}
     spec = DATASETS["cifar10"]
-    loader = DeviceLoader(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10,
-                          32, spec.mean, spec.std, train=True)
-    for name, cls in METHODS.items():
-        hparams = {k: v for k, (v, _) in cls.hyperparameters.items()}
-        task = Distiller(student, teacher, build_method(name, hparams, student, teacher), 1.0, cls.default_weight)
+    labels = torch.arange(64) % 10
+    loader = DeviceLoader(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), labels, 32, spec.mean,
+                          spec.std, train=True)
+    for name in METHODS:
+        teacher = build_model("resnet14", 10)  # a fresh copy: methods read the teacher before it is folded
+        teacher.load_state_dict(unfolded)
+        method = build_method(name, default_hyperparameters(name), student, teacher, labels)
+        loader.add_negatives(method.negatives_per_sample)
+        # weight 1 rather than the default, which is 0 for the methods that only act in their stage
+        task = Distiller(student, teacher, method, 1.0, 1.0)
         optimizer, _ = build_optimizer(task, type("Args", (), dict(lr=0.1, momentum=0.9, nesterov=True,
                                                                    weight_decay=1e-4, lr_milestones=[1],
                                                                    lr_gamma=0.1)))
@@ -99,8 +112,8 @@ def test_teacher_is_never_updated():
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         assert "teacher" not in dict(task.named_children())
         assert all(not k.startswith("teacher") for k in task.state_dict())
-    after = teacher.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        after = teacher.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
 
 
 def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):

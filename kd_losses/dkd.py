@@ -1,0 +1,70 @@
+import torch
+import torch.nn.functional as F
+
+from .base import KDMethod, register
+
+# subtracted from the target class's scaled logit to leave it out of a softmax, as mdistiller
+# does: exp(-1000) is 0 in float32, yet every value stays finite (-inf would give 0 * inf = nan)
+MASK = 1000.0
+DEFAULT_BETA = 8.0
+# mdistiller's CIFAR-100 configs use beta 2 for resnet56 -> resnet20 and resnet110 -> resnet32
+SMALL_PAIR_BETA = 2.0
+SMALL_TEACHERS, SMALL_STUDENTS = ("resnet56", "resnet110"), ("resnet20", "resnet32")
+
+
+def binary_log_probs(z, target_mask):
+    """log of (P(target class), P(any other class)) under softmax(z); N x 2."""
+    log_total = torch.logsumexp(z, dim=1)
+    log_target = (z * target_mask).sum(1)
+    log_others = torch.logsumexp(z - MASK * target_mask, dim=1)
+    return torch.stack([log_target, log_others], dim=1) - log_total.unsqueeze(1)
+
+
+@register("dkd")
+class DecoupledKD(KDMethod):
+    """warm-up * (alpha * TCKD + beta * NCKD), both at temperature T and, as in mdistiller (the
+    paper's formula has no such factor), both times T^2; KLs summed over classes, averaged over
+    the batch.
+    TCKD: KL(b_t || b_s) of the binary distributions (P(target class), P(other classes)) of
+    softmax(logits / T).
+    NCKD: KL(q_t || q_s) of softmax(logits / T - 1000 * onehot(target)), i.e. the distribution
+    over the non-target classes alone.
+    warm-up: min(epoch / dkd_warmup, 1) for the 1-based epoch, set by start_epoch; 1 until then.
+    dkd_beta None means 8, or 2 when attach() sees a resnet56/resnet110 teacher and a
+    resnet20/resnet32 student. Returned as named terms 'tckd' and 'nckd', warm-up included."""
+
+    paper = "Zhao et al. 2022, Decoupled Knowledge Distillation"
+    default_weight = 1.0  # alpha and beta carry the scale
+    hyperparameters = {
+        "dkd_alpha": (1.0, "weight of the target-class term"),
+        "dkd_beta": (None, ("weight of the non-target term (default: 8, or 2 when a resnet56/resnet110 "
+                            "teacher teaches a resnet20/resnet32)"), float),
+        "T": (4.0, "softmax temperature"),
+        "dkd_warmup": (20, "epochs of linear warm-up of the KD term"),
+    }
+
+    def __init__(self, student_shapes, teacher_shapes, dkd_alpha, dkd_beta, T, dkd_warmup):
+        super().__init__(student_shapes, teacher_shapes)
+        self.alpha, self.T, self.warmup = dkd_alpha, T, dkd_warmup
+        self.beta_given = dkd_beta is not None
+        self.beta = dkd_beta if self.beta_given else DEFAULT_BETA
+        # a tensor, updated in place, so a compiled step reads it rather than baking in a float;
+        # not persistent: start_epoch sets it again on resume
+        self.register_buffer("warmup_factor", torch.tensor(1.0), persistent=False)
+
+    def attach(self, student, teacher, train_labels):
+        if not self.beta_given and teacher.arch in SMALL_TEACHERS and student.arch in SMALL_STUDENTS:
+            self.beta = SMALL_PAIR_BETA
+
+    def start_epoch(self, epoch, epochs):
+        self.warmup_factor.fill_(min(epoch / self.warmup, 1.0))
+
+    def forward(self, student, teacher, targets):
+        z_s, z_t = student["logits"].float() / self.T, teacher["logits"].float() / self.T
+        target_mask = F.one_hot(targets, z_s.shape[1]).to(z_s.dtype)
+        tckd = F.kl_div(binary_log_probs(z_s, target_mask), binary_log_probs(z_t, target_mask),
+                        reduction="batchmean", log_target=True)
+        nckd = F.kl_div(F.log_softmax(z_s - MASK * target_mask, dim=1),
+                        F.log_softmax(z_t - MASK * target_mask, dim=1), reduction="batchmean", log_target=True)
+        scale = self.warmup_factor * self.T ** 2
+        return {"tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}

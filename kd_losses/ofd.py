@@ -1,0 +1,65 @@
+import math
+
+import torch
+import torch.nn as nn
+
+from .base import KDMethod, register
+
+STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
+
+
+def negative_response_margin(bn):
+    """Per channel, the mean of the negative responses E[x | x < 0] of x ~ N(beta, gamma^2), the
+    output distribution of the BN (weight gamma, bias beta): beta - |gamma| pdf(z) / cdf(-z) with
+    z = beta / |gamma|; where cdf(-z) <= 0.001 (almost no negative responses), -3 |gamma| instead,
+    as in the official code."""
+    std = bn.weight.detach().double().abs().clamp(min=1e-12)  # a zero gamma is taken as a tiny one
+    mean = bn.bias.detach().double()
+    z = mean / std
+    negative_mass = 0.5 * torch.erfc(z / math.sqrt(2))
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    truncated_mean = mean - std * density / negative_mass.clamp(min=1e-300)
+    return torch.where(negative_mass > 1e-3, truncated_mean, -3 * std).float()
+
+
+@register("ofd")
+class OverhaulFeatureDistillation(KDMethod):
+    """Partial L2 between the student's pre-ReLU stage outputs, through a 1x1 conv + BN connector
+    (always, as in the paper), and the teacher's, each raised to at least a per-channel margin:
+    target = max(t, margin), squared difference counted only where s > target or target > 0 (a
+    student already below a negative target is not pushed), mean over all elements, averaged over
+    the three stages. The margin is the expected negative response of the teacher channel, computed
+    from the BN that produces it (negative_response_margin) when attach() reads the teacher; until
+    then it is 0."""
+
+    paper = "Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation"
+    features = STAGES
+    default_weight = 0.5
+
+    def __init__(self, student_shapes, teacher_shapes):
+        super().__init__(student_shapes, teacher_shapes)
+        self.connectors = nn.ModuleDict()
+        for name in STAGES:
+            (c_s, *size_s), (c_t, *size_t) = student_shapes[name], teacher_shapes[name]
+            if size_s != size_t:
+                raise ValueError(f"OFD needs equal spatial sizes, got {student_shapes[name]} and "
+                                 f"{teacher_shapes[name]} at {name}")
+            conv = nn.Conv2d(c_s, c_t, 1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            self.connectors[name] = nn.Sequential(conv, nn.BatchNorm2d(c_t))
+            # a buffer, so that the checkpoint keeps the margins of the teacher they came from
+            self.register_buffer(f"margin_{name}", torch.zeros(c_t))
+
+    def attach(self, student, teacher, train_labels):
+        batchnorms = teacher.pre_relu_batchnorms()
+        for name in STAGES:
+            getattr(self, f"margin_{name}").copy_(negative_response_margin(batchnorms[name]))
+
+    def forward(self, student, teacher, targets):
+        losses = []
+        for name in STAGES:
+            s = self.connectors[name](student[name]).float()
+            target = torch.max(teacher[name].float(), getattr(self, f"margin_{name}").view(1, -1, 1, 1))
+            counted = (s > target) | (target > 0)
+            losses.append(((s - target).pow(2) * counted).mean())
+        return sum(losses) / len(losses)

@@ -1,0 +1,30 @@
+import torch
+
+from .base import KDMethod, register
+
+# the seed zoo's epsilon, both in the normalisation and inside the log (RepDistiller: 1e-7)
+EPS = 1e-6
+
+
+def conditional_probabilities(x):
+    """Row i: the cosine similarities of x_i to every x_j of the batch (itself included), mapped to
+    [0, 1] as (cos + 1) / 2 and divided by their sum."""
+    x = x / (x.norm(dim=1, keepdim=True) + EPS)
+    similarity = (x @ x.t() + 1) / 2
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+@register("pkt")
+class ProbabilisticKT(KDMethod):
+    """KL(teacher || student) between the two batches' conditional probabilities of the pooled
+    vectors, as the seed zoo computes it: p_t * log((p_t + eps) / (p_s + eps)) averaged over all
+    N x N entries, with eps = 1e-6 and each vector divided by (its L2 norm + eps)."""
+
+    paper = "Passalis & Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer"
+    features = ("pool",)
+    default_weight = 10000.0
+
+    def forward(self, student, teacher, targets):
+        s, t = student["pool"].float(), teacher["pool"].float()
+        p_s, p_t = conditional_probabilities(s), conditional_probabilities(t)
+        return (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()
