@@ -41,8 +41,12 @@ _CRD_BENCHMARK = {  # (student, teacher): {method: CIFAR-100 top-1}
     ("wrn_16_2", "wrn_40_2"): {"st": 74.92, "fitnet": 73.58, "at": 74.08, "sp": 73.83, "cc": 73.56, "vid": 74.11,
                                "rkd": 73.35, "pkt": 74.54, "ab": 72.50, "ft": 73.25, "fsp": 72.91, "nst": 73.68,
                                "crd": 75.48, "dkd": 76.23},
-    ("resnet20", "resnet56"): {"st": 70.66, "crd": 71.16, "dkd": 71.97},
-    ("resnet32", "resnet110"): {"st": 73.08, "crd": 73.48, "dkd": 74.11},
+    ("resnet20", "resnet56"): {"st": 70.66, "fitnet": 69.21, "at": 70.55, "sp": 69.67, "cc": 69.63, "vid": 70.38,
+                               "rkd": 69.61, "pkt": 70.34, "ab": 69.47, "ft": 69.84, "fsp": 69.95, "nst": 69.60,
+                               "crd": 71.16, "dkd": 71.97},
+    ("resnet32", "resnet110"): {"st": 73.08, "fitnet": 71.06, "at": 72.31, "sp": 72.69, "cc": 71.48, "vid": 72.61,
+                                "rkd": 71.82, "pkt": 72.61, "ab": 70.98, "ft": 72.37, "fsp": 71.89, "nst": 71.96,
+                                "crd": 73.48, "dkd": 74.11},
 }
 _CRD_BASELINES = {"resnet20": 69.06, "resnet32": 71.14, "resnet56": 72.34, "resnet110": 74.31, "resnet8x4": 72.50,
                   "resnet32x4": 79.42, "wrn_16_2": 73.26, "wrn_40_2": 75.61}

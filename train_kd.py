@@ -113,7 +113,8 @@ def main(args, given):
     try:
         method = build_method(args.method, hparams, student, teacher, loaders["train"].labels)
     except ValueError as e:
-        raise UserError(f"--method {args.method} cannot pair {args.teacher_arch} with {args.model}: {e}.") from None
+        raise UserError(f"--method {args.method} with a {args.teacher_arch} teacher and a {args.model} student: "
+                        f"{e}.") from None
     method.to(device, memory_format=memory_format)
     if method.negatives_per_sample:
         loaders["train"].add_negatives(method.negatives_per_sample)

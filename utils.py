@@ -31,6 +31,10 @@ def run_main(main):
     """Runs a script's main(), turning a UserError into one line on stderr and exit status 2."""
     try:
         main()
+        if dist.is_initialized():
+            # every process done with its collectives before any tears the group down (gloo can
+            # abort at exit when a peer's group goes away while its own threads still run)
+            dist.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

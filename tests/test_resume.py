@@ -67,14 +67,16 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_pa
     assert_same_run(straight, interrupted)
 
 
-@pytest.mark.parametrize("method", ["st", "ft"])
+# ft: a stage's result; crd: memory banks, Z and the loader's contrastive indices; bss: an epoch
+# schedule and an attack that draws from the global generator
+@pytest.mark.parametrize("method", ["st", "ft", "crd", "bss"])
 def test_kd_resume_equals_the_uninterrupted_run(method, cifar10_root, tmp_path):
     teacher = tmp_path / "teacher"
     run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
                "--epochs", 1, "--batch-size", 32)
     common = ("--teacher", teacher / "last.pt", "--method", method, "--data-root", cifar10_root,
               "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", "cpu",
-              *(("--ft-epochs", 2) if method == "ft" else ()))
+              *{"ft": ("--ft-epochs", 2), "crd": ("--crd-negatives", 16)}.get(method, ()))
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_script("train_kd.py", *common, "--epochs", 3, "--output-dir", straight)
     run_script("train_kd.py", *common, "--epochs", 1, "--output-dir", split)

@@ -152,3 +152,23 @@ def test_folded_teacher_gives_the_same_outputs_and_features():
     assert torch.allclose(logits, logits2, rtol=1e-4, atol=1e-5)
     for k in feats:
         assert torch.allclose(feats[k], feats2[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_a_wide_resnet_teaches_a_narrower_resnet(cifar10_root, tmp_path):
+    """The connector rule end to end: a wrn_16_2 teacher (stage widths 32/64/128) and a resnet8
+    student (16/32/64). Fitnet gets a connector; FSP, which has none, refuses the pair."""
+    teacher = tmp_path / "teacher"
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "wrn_16_2",
+               "--epochs", 1, "--batch-size", 40)
+    out = tmp_path / "fitnet"
+    run_script("train_kd.py", "--teacher", teacher / "last.pt", "--method", "fitnet", "--data-root", cifar10_root,
+               "--output-dir", out, *KD_TINY)
+    method_state = torch.load(out / "last.pt", weights_only=True)["method"]
+    assert method_state["method.connector.0.weight"].shape == (128, 64, 1, 1)
+    proc = run_script("train_kd.py", "--teacher", teacher / "last.pt", "--method", "fsp", "--data-root",
+                      cifar10_root, "--output-dir", tmp_path / "fsp", *kd_args("fsp"), check=False)
+    assert_user_error(proc, "--method fsp with a wrn_16_2 teacher and a resnet8 student")
+    assert not (tmp_path / "fsp").exists()
+    proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", tmp_path / "identity",
+                      "--model", "wrn_16_2", "--shortcut", "identity", "--epochs", 1, check=False)
+    assert_user_error(proc, "wrn_16_2 has only the projection shortcut")
