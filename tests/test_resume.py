@@ -76,7 +76,8 @@ def test_kd_resume_equals_the_uninterrupted_run(method, cifar10_root, tmp_path):
                "--epochs", 1, "--batch-size", 32)
     common = ("--teacher", teacher / "last.pt", "--method", method, "--data-root", cifar10_root,
               "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", "cpu",
-              *{"ft": ("--ft-epochs", 2), "crd": ("--crd-negatives", 16)}.get(method, ()))
+              *{"ft": ("--ft-epochs", 2), "crd": ("--crd-negatives", 16),
+                "bss": ("--bss-steps", 2, "--bss-attack-size", 8)}.get(method, ()))
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_script("train_kd.py", *common, "--epochs", 3, "--output-dir", straight)
     run_script("train_kd.py", *common, "--epochs", 1, "--output-dir", split)
