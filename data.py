@@ -198,12 +198,11 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             if len(index) < self.world_size:
                 break
-            batch = random_crop_flip(self.images[index], self.generator)
+            batch, labels = random_crop_flip(self.images[index], self.generator), self.labels[index]
             if self.negatives:
                 index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
-            index = index[lo:hi]
-            yield self.normalize(batch[lo:hi]), self.labels[index if index.dim() == 1 else index[:, 0]], index
+            yield self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi]
 
     def add_negatives(self, k):
         """From now on, batches carry k other-class indices per sample (see the class docstring)."""

@@ -104,7 +104,7 @@ def main(args, given):
     args.teacher_sha256 = digest
     device, rank, world_size = resolve_device(args.device)
     memory_format = resolve_speed(args, device)
-    teacher = load_teacher(args, teacher_ckpt, device).to(memory_format=memory_format)
+    teacher = load_teacher(args, teacher_ckpt, device)
     loaders, _ = make_loaders(args, device, rank, world_size)
     set_seed(args.seed)
     num_classes = DATASETS[args.dataset].num_classes
@@ -119,7 +119,7 @@ def main(args, given):
     if method.negatives_per_sample:
         loaders["train"].add_negatives(method.negatives_per_sample)
     task = Distiller(student, teacher, method, args.ce_weight, args.kd_weight)
-    teacher.to(memory_format=memory_format)  # again: folding BN made new convolution weights
+    teacher.to(memory_format=memory_format)  # after the Distiller folded its BN into new convolution weights
     if args.compile:
         task.compile_steps(device)
     if is_main():

@@ -44,7 +44,10 @@ class KDMethod(nn.Module):
         super().__init__()
 
     def attach(self, student, teacher, train_labels):
-        """Called once before training with both networks and the training labels."""
+        """Called once before training with both networks and the training labels. The default keeps
+        the teacher as `teacher_net` for a step that runs it itself (input gradients, an attack): a
+        plain attribute, not a submodule, so it is neither trained, checkpointed nor moved here."""
+        object.__setattr__(self, "teacher_net", teacher)
 
     def start_epoch(self, epoch, epochs):
         """Called before each training epoch (1-based) of `epochs`."""

@@ -45,10 +45,6 @@ class BSS(KDMethod):
         self.register_buffer("factor", torch.ones(()), persistent=False)
         self.attacking = True  # the same, as a Python bool: no attack (and no host sync) while it is 0
 
-    def attach(self, student, teacher, train_labels):
-        # a plain attribute, not a submodule: the teacher is neither trained, checkpointed nor moved here
-        object.__setattr__(self, "teacher_net", teacher)
-
     def start_epoch(self, epoch, epochs):
         factor = bss_schedule(epoch, epochs)
         self.factor.fill_(factor)

@@ -40,10 +40,6 @@ class LwM(KDMethod):
         if size_s != size_t:
             raise ValueError(f"LwM needs {STAGE} maps of equal spatial size, got {size_s} and {size_t}")
 
-    def attach(self, student, teacher, train_labels):
-        # a plain attribute, not a submodule: the teacher is neither trained, checkpointed nor moved here
-        object.__setattr__(self, "teacher_net", teacher)
-
     def step(self, student, images, targets, indices, teacher):
         logits, feats = student(images, features=True)
         cam_s = grad_cam(logits, feats[STAGE], targets, create_graph=True)

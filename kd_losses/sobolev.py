@@ -24,10 +24,6 @@ class Sobolev(KDMethod):
     default_weight = 20.0
     compilable = False  # double backward
 
-    def attach(self, student, teacher, train_labels):
-        # a plain attribute, not a submodule: the teacher is neither trained, checkpointed nor moved here
-        object.__setattr__(self, "teacher_net", teacher)
-
     def step(self, student, images, targets, indices, teacher):
         images = images.detach().requires_grad_()
         logits = student(images)

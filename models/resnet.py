@@ -5,6 +5,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def init_conv_bn(model):
+    """Kaiming-normal (fan_out) convolutions and BN with weight 1 and bias 0, shared by the CIFAR nets."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def classify(fc, x, feats, features):
     """The head shared by the CIFAR nets: global average pooling and the linear classifier. Returns
     the logits, or (logits, feats) with the pooled vector added as 'pool' when features is True."""
@@ -83,12 +93,7 @@ class CifarResNet(nn.Module):
         self.feature_channels = {"stem": stem_width, "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def pre_relu_batchnorms(self):
         """{'stagek_pre': the BN whose output, plus the shortcut, is that feature}: each stage's last bn2."""

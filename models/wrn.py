@@ -11,7 +11,7 @@ and the shortcut of a block that changes shape, which every first block does whe
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import classify
+from .resnet import classify, init_conv_bn
 
 
 class PreActBlock(nn.Module):
@@ -69,14 +69,8 @@ class WideResNet(nn.Module):
         self.feature_channels = {"stem": 16, "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
+        nn.init.zeros_(self.fc.bias)  # as RepDistiller's WRN
 
     def pre_relu_batchnorms(self):
         """{'stagek_pre': the BN whose output is exactly that feature}."""
