@@ -37,11 +37,13 @@ DATASETS = {
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, lists and dicts only, so a tampered data file cannot run code."""
+    """Unpickles numpy arrays, lists and dicts only, so a tampered data file cannot run code.
+    _codecs.encode only builds bytes: Python 3's pickle protocol 2 reduces an array's raw data
+    through it (as PyTorch's weights_only loader also allows)."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -224,20 +226,20 @@ class DeviceLoader:
         return self._by_class[position]
 
 
-def make_loaders(args, device, rank=0, world_size=1):
-    """Loads args.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
-    spec = DATASETS[args.dataset]
-    train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_root)
-    if args.val_split:
-        keep, held_out = class_balanced_split(train_y, args.val_split, args.seed, spec.num_classes)
+def make_loaders(cfg, device, rank=0, world_size=1):
+    """Loads cfg.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
+    spec = DATASETS[cfg.dataset]
+    train_x, train_y, test_x, test_y = load_cifar(cfg.dataset, cfg.data_root)
+    if cfg.val_split:
+        keep, held_out = class_balanced_split(train_y, cfg.val_split, cfg.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
-    common = dict(batch_size=args.batch_size, mean=spec.mean, std=spec.std, channels_last=args.channels_last,
+    common = dict(batch_size=cfg.batch_size, mean=spec.mean, std=spec.std, channels_last=cfg.channels_last,
                   rank=rank, world_size=world_size)
-    loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=args.seed, **common),
+    loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed, **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
-    if args.val_split:
+    if cfg.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
-    log(f"{spec.title} from {args.data_root}: {len(train_y)} training, "
-        f"{args.val_split} validation and {len(test_y)} test images on {device}")
+    log(f"{spec.title} from {cfg.data_root}: {len(train_y)} training, "
+        f"{cfg.val_split} validation and {len(test_y)} test images on {device}")
     return loaders, spec.num_classes

@@ -19,48 +19,36 @@ import statistics
 import sys
 from collections import defaultdict
 
-# Published test top-1 (%) for the ResNet-110 teacher / ResNet-20 student pair: (seed zoo, CRD paper).
-# test top-1 (%) of the seed zoo's README (ResNet-110 -> ResNet-20, single runs) and, for CIFAR-100,
-# of the CRD benchmark (RepDistiller's README; DKD from mdistiller's README), keyed by
-# (method, student, teacher); a baseline's teacher is None
-_SEED_ZOO_R20 = {  # method: (CIFAR-10, CIFAR-100)
-    "logits": (92.98, 69.78), "st": (92.82, 70.06), "at": (93.21, 69.28), "fitnet": (93.04, 69.81),
-    "nst": (92.83, 69.31), "pkt": (93.01, 69.31), "fsp": (92.78, 69.78), "ft": (93.01, 69.49),
-    "rkd": (93.21, 69.36), "ab": (92.96, 69.41), "sp": (93.30, 69.45), "sobolev": (92.60, 69.23),
-    "bss": (92.78, 69.71), "cc": (92.98, 69.33), "lwm": (92.52, 69.11), "irg": (93.13, 69.36),
-    "vid": (92.98, 69.49), "ofd": (93.13, 69.81), "afd": (92.92, 69.60), "crd": (92.92, 70.80),
-    "dml": (92.92, 70.29),
-}
-_CRD_BENCHMARK = {  # (student, teacher): {method: CIFAR-100 top-1}
-    ("resnet20", "resnet110"): {"st": 70.67, "fitnet": 68.99, "at": 70.22, "sp": 70.04, "cc": 69.48, "vid": 70.16,
-                                "rkd": 69.25, "pkt": 70.25, "ab": 69.53, "ft": 70.22, "fsp": 70.11, "nst": 69.53,
-                                "crd": 71.46},
-    ("resnet8x4", "resnet32x4"): {"st": 73.33, "fitnet": 73.50, "at": 73.44, "sp": 72.94, "cc": 72.97, "vid": 73.09,
-                                  "rkd": 71.90, "pkt": 73.64, "ab": 73.17, "ft": 72.86, "fsp": 72.62, "nst": 73.30,
-                                  "crd": 75.51, "dkd": 76.32},
-    ("wrn_16_2", "wrn_40_2"): {"st": 74.92, "fitnet": 73.58, "at": 74.08, "sp": 73.83, "cc": 73.56, "vid": 74.11,
-                               "rkd": 73.35, "pkt": 74.54, "ab": 72.50, "ft": 73.25, "fsp": 72.91, "nst": 73.68,
-                               "crd": 75.48, "dkd": 76.23},
-    ("resnet20", "resnet56"): {"st": 70.66, "fitnet": 69.21, "at": 70.55, "sp": 69.67, "cc": 69.63, "vid": 70.38,
-                               "rkd": 69.61, "pkt": 70.34, "ab": 69.47, "ft": 69.84, "fsp": 69.95, "nst": 69.60,
-                               "crd": 71.16, "dkd": 71.97},
-    ("resnet32", "resnet110"): {"st": 73.08, "fitnet": 71.06, "at": 72.31, "sp": 72.69, "cc": 71.48, "vid": 72.61,
-                                "rkd": 71.82, "pkt": 72.61, "ab": 70.98, "ft": 72.37, "fsp": 71.89, "nst": 71.96,
-                                "crd": 73.48, "dkd": 74.11},
-}
-_CRD_BASELINES = {"resnet20": 69.06, "resnet32": 71.14, "resnet56": 72.34, "resnet110": 74.31, "resnet8x4": 72.50,
-                  "resnet32x4": 79.42, "wrn_16_2": 73.26, "wrn_40_2": 75.61}
-PUBLISHED = {
-    "cifar10": {**{(m, "resnet20", "resnet110"): c10 for m, (c10, _) in _SEED_ZOO_R20.items()},
-                ("baseline", "resnet20", None): 92.37, ("baseline", "resnet110", None): 93.86},
-    "cifar100": {
-        **{(m, s, t): (None, top1) for (s, t), rows in _CRD_BENCHMARK.items() for m, top1 in rows.items()},
-        **{(m, "resnet20", "resnet110"): (c100, _CRD_BENCHMARK[("resnet20", "resnet110")].get(m))
-           for m, (_, c100) in _SEED_ZOO_R20.items()},
-        **{("baseline", model, None): (None, top1) for model, top1 in _CRD_BASELINES.items()},
-        ("baseline", "resnet20", None): (68.92, 69.06), ("baseline", "resnet110", None): (73.15, 74.31),
-    },
-}
+# Published test top-1 (%), from docs/published.csv (the seed zoo's README: ResNet-110 -> ResNet-20, single runs;
+# the CRD benchmark: RepDistiller's README, DKD from mdistiller's), keyed by data set, then by
+# (method, student, teacher) with teacher None for a baseline. A data set with seed zoo numbers only holds plain
+# numbers (CIFAR-10); any other holds (seed zoo, CRD benchmark) pairs, None where a source has no number (CIFAR-100).
+PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "published.csv")
+SOURCES = ("seed zoo", "CRD benchmark")
+
+
+def read_published(path=PUBLISHED_CSV):
+    numbers = defaultdict(dict)  # dataset -> {(method, student, teacher): {source: top1}}
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            if row["source"] not in SOURCES:
+                raise ValueError(f"{path}:{line}: source {row['source']!r} is not one of {SOURCES}")
+            key = (row["method"], row["student"], row["teacher"] or None)
+            by_source = numbers[row["dataset"]].setdefault(key, {})
+            if row["source"] in by_source:
+                raise ValueError(f"{path}:{line}: a second {row['source']} number for {row['dataset']} {key}")
+            by_source[row["source"]] = float(row["top1"])
+    published = {}
+    for dataset, rows in numbers.items():
+        sources = {source for by_source in rows.values() for source in by_source}
+        if sources == {"seed zoo"}:
+            published[dataset] = {key: next(iter(by_source.values())) for key, by_source in rows.items()}
+        else:
+            published[dataset] = {key: tuple(by_source.get(s) for s in SOURCES) for key, by_source in rows.items()}
+    return published
+
+
+PUBLISHED = read_published()
 
 
 def read_runs(root):

@@ -22,7 +22,7 @@ import torch
 
 from kd_losses import METHODS
 from models import MODELS
-from utils import HelpFormatter, non_negative_int
+from utils import HelpFormatter, non_negative
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,16 +33,16 @@ def get_args_parser():
     parser.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10", help="data set")
     parser.add_argument("--data-root", default="./dataset", help="passed to the scripts")
     parser.add_argument("--teacher", choices=list(MODELS), default="resnet110", help="teacher architecture")
-    parser.add_argument("--teacher-seed", type=non_negative_int, default=0, help="seed of the one teacher")
+    parser.add_argument("--teacher-seed", type=non_negative(int), default=0, help="seed of the one teacher")
     parser.add_argument("--teacher-checkpoint", help="use this teacher (a train_base.py checkpoint) instead of "
                                                      "training one (--teacher then only names --output-root)")
     parser.add_argument("--student", choices=list(MODELS), default="resnet20", help="student architecture")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="KD methods (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2],
+    parser.add_argument("--seeds", nargs="+", type=non_negative(int), default=[0, 1, 2],
                         help="student seeds; each method and the baseline run once per seed")
     parser.add_argument("--output-root", help="default: runs/sweep-<dataset>-<teacher>-to-<student>")
-    parser.add_argument("--gpus", nargs="*", type=non_negative_int,
+    parser.add_argument("--gpus", nargs="*", type=non_negative(int),
                         help="GPU indices to spread the student runs over (default: every visible GPU; "
                              "none: one run at a time on the scripts' default device)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER,
@@ -93,8 +93,8 @@ def run(out, command, gpu=None):
     return status
 
 
-def main():
-    args = get_args_parser().parse_args()
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     if args.script_args[:1] == ["--"]:
         args.script_args = args.script_args[1:]
     root = args.output_root or os.path.join("runs", f"sweep-{args.dataset}-{args.teacher}-to-{args.student}")

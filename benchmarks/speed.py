@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DATASETS, DeviceLoader  # noqa: E402
-from engine import Distiller, Supervised, autocast  # noqa: E402
+from engine import Distiller, Supervised, Teacher, autocast  # noqa: E402
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -87,16 +87,20 @@ def device_batches(images, labels, batch_size, device, channels_last):
     yield from itertools.chain.from_iterable(itertools.repeat(loader))
 
 
-def build_task(row, device, memory_format, labels):
+def build_task(row, device, memory_format, labels, compile_steps=False):
     torch.manual_seed(0)
     if row.startswith("base-"):
-        return Supervised(build_model(row[5:], 10).to(device, memory_format=memory_format))
-    student = build_model("resnet20", 10).to(device, memory_format=memory_format)
-    teacher = build_model("resnet110", 10).to(device, memory_format=memory_format)
-    name = row[3:]
-    method = build_method(name, default_hyperparameters(name), student, teacher, labels.to(device))
-    return Distiller(student, teacher, method.to(device, memory_format=memory_format), 1.0,
-                     default_weight(name, "cifar10"))
+        task = Supervised(build_model(row[5:], 10).to(device, memory_format=memory_format))
+    else:
+        student = build_model("resnet20", 10).to(device, memory_format=memory_format)
+        teacher = Teacher(build_model("resnet110", 10).to(device), memory_format, compile_steps)
+        name = row[3:]
+        method = build_method(name, default_hyperparameters(name), student, teacher, labels.to(device))
+        task = Distiller(student, teacher, method.to(device, memory_format=memory_format), 1.0,
+                         default_weight(name, "cifar10"))
+    if compile_steps:
+        task.compile_steps(device)
+    return task
 
 
 def time_steps(task, batches, amp, args, device):
@@ -157,9 +161,7 @@ def main():
         task = build_task(row, device, torch.contiguous_format, labels)
         slow = time_steps(task, conventional_batches(images, labels, batch, args.workers, device), False, args, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        task = build_task(row, device, fmt, labels)
-        if compile_steps:
-            task.compile_steps(device)
+        task = build_task(row, device, fmt, labels, compile_steps)
         fast = time_steps(task, device_batches(images, labels, batch, device, channels_last), amp, args, device)
         print(f"{row:<16}{batch:>6} | {slow:>10.0f}{EPOCH_IMAGES / slow:>9.1f} | {fast:>10.0f}"
               f"{EPOCH_IMAGES / fast:>9.1f} | {fast / slow:>5.1f}x", flush=True)

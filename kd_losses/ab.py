@@ -1,9 +1,7 @@
 import torch.nn as nn
 
-from .base import KDMethod, connector, register
+from .base import PRE_RELU_STAGES, KDMethod, connector, register
 from .stage import train_student_alone
-
-STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
 
 
 def activation_boundary_loss(s, t, margin):
@@ -27,7 +25,13 @@ class ActivationBoundaries(KDMethod):
 
     paper = ("Heo et al. 2019, Knowledge Transfer via Distillation of Activation Boundaries "
              "Formed by Hidden Neurons")
-    features = STAGES
+    summary = ("squared hinge that puts each pre-ReLU response on the teacher's side of 0 with margin m, averaged "
+               "over 3 stages; connector where widths differ")
+    weight_source = "seed zoo; cross-entropy only after the stage"
+    stage = "the student (and connectors) learns the AB loss alone, 50 epochs"
+    deviations = ("margin 2 and element mean (seed zoo; the paper and RepDistiller: margin 1, sum / batch / 1000 "
+                  "with layer weights)")
+    features = PRE_RELU_STAGES
     default_weight = 0.0
     has_stage = True
     hyperparameters = {"ab_margin": (2.0, "margin m of the activation boundary hinge"),
@@ -38,13 +42,13 @@ class ActivationBoundaries(KDMethod):
     def __init__(self, student_shapes, teacher_shapes, ab_margin, ab_epochs, ab_lr, ab_stage_weight):
         super().__init__(student_shapes, teacher_shapes)
         self.margin, self.epochs, self.lr, self.stage_weight = ab_margin, ab_epochs, ab_lr, ab_stage_weight
-        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in STAGES})
+        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in PRE_RELU_STAGES})
 
-    def train_stage(self, student, teacher_outputs, batches):
+    def train_stage(self, student, teacher, batches):
         """Trains the student (and the connectors) on the AB loss alone; see stage.train_student_alone."""
-        train_student_alone(self, student, teacher_outputs, batches, self.epochs, self.lr, self.stage_weight)
+        train_student_alone(self, student, teacher, batches, self.epochs, self.lr, self.stage_weight)
 
     def forward(self, student, teacher, targets):
         losses = [activation_boundary_loss(self.connectors[k](student[k]).float(), teacher[k].float(), self.margin)
-                  for k in STAGES]
+                  for k in PRE_RELU_STAGES]
         return sum(losses) / len(losses)

@@ -2,9 +2,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KDMethod, connector, register
+from .base import STAGES, KDMethod, connector, register
 
-STAGES = ("stage1", "stage2", "stage3")
 EPS = 1e-6  # keeps the per-channel normalisation finite for an all-zero channel
 
 
@@ -36,6 +35,11 @@ class AttentiveFeatureDistillation(KDMethod):
     student's channels to the teacher's."""
 
     paper = "Wang et al. 2020, Pay Attention to Features, Transfer Learn Faster CNNs"
+    summary = ("channel-attention-weighted MSE of per-channel-normalised maps, attention from an SE block on the "
+               "teacher's map, averaged over 3 stages")
+    weight_source = "seed zoo"
+    deviations = ("the seed zoo's SE-block attention, not the paper's (the seed zoo found it unstable); connector "
+                  "where widths differ")
     features = STAGES
     default_weight = 500.0
     hyperparameters = {"afd_att_f": (1.0, "hidden channels of the attention block = att_f x channels")}

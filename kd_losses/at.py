@@ -1,8 +1,6 @@
 import torch.nn.functional as F
 
-from .base import KDMethod, register
-
-STAGES = ("stage1", "stage2", "stage3")
+from .base import STAGES, KDMethod, register
 
 
 def attention_map(feature, p):
@@ -17,6 +15,9 @@ class AttentionTransfer(KDMethod):
     As in the seed zoo, the map is the channel sum of |f|^p (the paper's F_sum^p), not a mean."""
 
     paper = "Zagoruyko & Komodakis 2017, Paying More Attention to Attention"
+    summary = "MSE of per-sample L2-normalised attention maps (channel sum of `|f|^p`), averaged over 3 stages"
+    weight_source = "seed zoo"
+    deviations = "channel *sum* of `|f|^2` (seed zoo)"
     features = STAGES
     default_weight = 1000.0
     hyperparameters = {"p": (2.0, "power applied to |feature| before the channel sum")}

@@ -6,19 +6,23 @@ features named in `features` (see models/resnet.py for the names) and returns th
 tensor, or a dict of named terms that are summed. Learnable parts are submodules.
 
 Most methods need nothing else. The hooks below are for the few that do; each has a no-op default:
-  attach(student, teacher, train_labels)  once, before training: read the networks (the teacher
-      is not yet BN-folded), keep a reference to them, or size a memory bank by the training set
+  attach(student, teacher, train_labels)  once, before training: read the networks (the teacher is
+      an engine.Teacher: its `network` as loaded, BN included), or size a memory bank by the
+      training set
   start_epoch(epoch, epochs)              before each training epoch (1-based): weight schedules
-  step(student, images, targets, indices, teacher)
+  step(student, images, targets, indices, teacher_out)
                                           the whole training step, for methods that need more
       than one forward of each network (input gradients, adversarial samples, a peer network)
-  train_stage(student, teacher_outputs, batches)
-                                          a stage run alone before training (has_stage = True)
+  train_stage(student, teacher, batches)  a stage run alone before training (has_stage = True),
+      with kd_losses.stage.train_stage, the one stage loop
 """
 import torch
 import torch.nn as nn
 
 METHODS = {}
+# the stage outputs every model exposes (see models/resnet.py), after and before their last ReLU
+STAGES = ("stage1", "stage2", "stage3")
+PRE_RELU_STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
 
 
 def register(name):
@@ -31,6 +35,10 @@ def register(name):
 
 class KDMethod(nn.Module):
     paper = ""                 # short citation, shown in --help and the README
+    summary = ""               # what it computes, one line (docs/methods.md)
+    weight_source = ""         # where default_weight comes from, e.g. "seed zoo" (docs/methods.md)
+    stage = ""                 # what the stage before training does; "" without one (has_stage False)
+    deviations = ""            # where ours differs from the paper; "" where it does not
     features = ()              # feature names read besides 'logits'
     default_weight = 1.0       # the weight of the KD term unless --kd-weight is given
     hyperparameters = {}       # argument name -> (default, help); each becomes a --flag
@@ -44,16 +52,17 @@ class KDMethod(nn.Module):
         super().__init__()
 
     def attach(self, student, teacher, train_labels):
-        """Called once before training with both networks and the training labels. The default keeps
-        the teacher as `teacher_net` for a step that runs it itself (input gradients, an attack): a
-        plain attribute, not a submodule, so it is neither trained, checkpointed nor moved here."""
-        object.__setattr__(self, "teacher_net", teacher)
+        """Called once before training with the student, the engine.Teacher and the training labels.
+        The default keeps the teacher for a step that runs it itself (input gradients, an attack):
+        calling it runs its BN-folded network with autograd. A Teacher is not an nn.Module, so it is
+        neither trained, checkpointed nor moved with the method."""
+        self.teacher = teacher
 
     def start_epoch(self, epoch, epochs):
         """Called before each training epoch (1-based) of `epochs`."""
 
-    def step(self, student, images, targets, indices, teacher):
-        """One training step: (student logits, KD loss or dict of terms). `teacher` holds the
+    def step(self, student, images, targets, indices, teacher_out):
+        """One training step: (student logits, KD loss or dict of terms). `teacher_out` holds the
         teacher's logits and this method's features (computed under inference mode); `indices` are
         the batch's positions in the training set (N x (1 + negatives_per_sample) when
         negatives_per_sample > 0, column 0 the sample itself)."""
@@ -66,7 +75,7 @@ class KDMethod(nn.Module):
         # the loss (connectors included) in fp32: under bf16 autocast, .float() inputs alone would
         # still leave its matrix products in bf16
         with torch.autocast(images.device.type, enabled=False):
-            loss = self(as_float(outputs), as_float(teacher), targets)
+            loss = self(as_float(outputs), as_float(teacher_out), targets)
         return logits, loss
 
     def forward(self, student, teacher, targets):

@@ -29,6 +29,13 @@ class BSS(KDMethod):
     moved images are compared."""
 
     paper = "Heo et al. 2019, Knowledge Distillation with Adversarial Samples Supporting Decision Boundary"
+    summary = ("KL at T between teacher and student on boundary-supporting samples: up to 32 per batch (both nets "
+               "correct, most disagreeing), moved by a 10-step attack on the teacher towards a class drawn from "
+               "its softmax")
+    weight_source = ("seed zoo; times a schedule: 0 for the first 5 % of the epochs, then "
+                     "`max(1 − 1.25 (e−1)/E, 0)` (zero for the last 20 %)")
+    deviations = ("the seed zoo's: attack on softmax probabilities, no plain KD term, no `T^2`; warm-up 5 % of "
+                  "the epochs (the seed zoo's fixed 10 of 200). The authors' code attacks logits and adds KD")
     default_weight = 2.0
     compilable = False  # an attack loop with its own backward passes
     hyperparameters = {"T": (3.0, "softmax temperature"),
@@ -76,7 +83,7 @@ class BSS(KDMethod):
         x = images.detach()
         for _ in range(self.steps):
             x.requires_grad_()
-            probs = F.softmax(self.teacher_net(x).float(), 1)
+            probs = F.softmax(self.teacher(x).float(), 1)
             p_base = probs.gather(1, base_classes[:, None]).squeeze(1)
             p_attack = probs.gather(1, attack_classes[:, None]).squeeze(1)
             (grad,) = torch.autograd.grad((p_attack - p_base).sum(), x)
@@ -94,15 +101,15 @@ class BSS(KDMethod):
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
         return (kl * keep).sum() / keep.sum().clamp(min=1.0)
 
-    def step(self, student, images, targets, indices, teacher):
+    def step(self, student, images, targets, indices, teacher_out):
         logits = student(images)
         if not self.attacking:
             return logits, self.factor.new_zeros(())
-        chosen, keep = self.choose_samples(logits.detach(), teacher["logits"], targets)
-        attack_classes = self.draw_attack_classes(teacher["logits"][chosen])
+        chosen, keep = self.choose_samples(logits.detach(), teacher_out["logits"], targets)
+        attack_classes = self.draw_attack_classes(teacher_out["logits"][chosen])
         boundary_images = self.attack(images[chosen], targets[chosen], attack_classes)
         with torch.no_grad():
-            teacher_logits = self.teacher_net(boundary_images)
+            teacher_logits = self.teacher(boundary_images)
         # the student stays in train mode here, so this pass also updates its BN running statistics
         # with the boundary samples, as the seed zoo's does: each lies within steps x step_size (3 by
         # default) in L2 norm of a training image whose own norm is about 55, so they barely move

@@ -21,6 +21,11 @@ class CorrelationCongruence(KDMethod):
     pooled vectors. As in the seed zoo: no instance congruence term, no special batch sampling."""
 
     paper = "Peng et al. 2019, Correlation Congruence for Knowledge Distillation"
+    summary = ("MSE of batch correlation matrices under a Gaussian RBF kernel (2nd-order Taylor, gamma 0.4) of "
+               "L2-normalised vectors")
+    weight_source = "seed zoo"
+    deviations = ("no instance congruence, no special sampling (seed zoo); RepDistiller's CC is a different, "
+                  "embedding-based loss (weight 0.02)")
     features = ("pool",)
     default_weight = 100.0
     hyperparameters = {"cc_gamma": (0.4, "gamma of the Gaussian RBF kernel"),

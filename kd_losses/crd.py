@@ -39,6 +39,11 @@ class ContrastiveRepresentationDistillation(KDMethod):
     (RepDistiller's 'exact' mode). The banks are sized in attach() from the training labels."""
 
     paper = "Tian et al. 2020, Contrastive Representation Distillation"
+    summary = ("NCE between 128-d embeddings of the pooled vectors and two momentum memory banks over the "
+               "training set, 16,384 other-class negatives per sample (supplied by the data loader)")
+    weight_source = "seed zoo for CIFAR-10, RepDistiller for CIFAR-100"
+    deviations = ("the code's Z estimate (the paper's critic has none) and both anchor directions summed; T 0.07 "
+                  "(RepDistiller; the seed zoo 0.1)")
     features = ("pool",)
     default_weight = {"cifar10": 0.2, "cifar100": 0.8}
     hyperparameters = {"crd_feat_dim": (128, "dimension of the embedding space"),
@@ -66,9 +71,9 @@ class ContrastiveRepresentationDistillation(KDMethod):
         self.register_buffer("log_z", torch.zeros(2, device=device))
         self.register_buffer("z_estimated", torch.tensor(False, device=device))
 
-    def step(self, student, images, targets, indices, teacher):
+    def step(self, student, images, targets, indices, teacher_out):
         logits, feats = student(images, features=True)
-        return logits, self({"logits": logits, "pool": feats["pool"]}, teacher, targets, indices)
+        return logits, self({"logits": logits, "pool": feats["pool"]}, teacher_out, targets, indices)
 
     def forward(self, student, teacher, targets, indices):
         """indices: N x (1 + K) positions in the training set, column 0 each sample's own."""

@@ -34,6 +34,10 @@ class DecoupledKD(KDMethod):
     resnet20/resnet32 student. Returned as named terms 'tckd' and 'nckd', warm-up included."""
 
     paper = "Zhao et al. 2022, Decoupled Knowledge Distillation"
+    summary = "`alpha TCKD + beta NCKD` at T, both times `T^2`, with a linear warm-up `min(epoch / 20, 1)`"
+    weight_source = "mdistiller"
+    deviations = ("`T^2` on both terms as mdistiller (the paper's formula has none); beta 2 also for the cross "
+                  "pairs (resnet56 → resnet32, resnet110 → resnet20)")
     default_weight = 1.0  # alpha and beta carry the scale
     hyperparameters = {
         "dkd_alpha": (1.0, "weight of the target-class term"),

@@ -25,13 +25,18 @@ class DeepMutualLearning(KDMethod):
     the seed zoo's synchronous update); --ce-weight reaches only the student's CE."""
 
     paper = "Zhang et al. 2018, Deep Mutual Learning"
+    summary = ("a peer network with the teacher checkpoint's architecture, trained from scratch beside the "
+               "student: KL(peer ‖ student) for the student, CE + KL(student ‖ peer) for the peer")
+    weight_source = "seed zoo"
+    deviations = ("synchronous updates from one forward of each (seed zoo), not the paper's alternating ones; the "
+                  "teacher's weights are not used; `--kd-weight` scales the peer's whole loss")
     reads_teacher = False
 
     def attach(self, student, teacher, train_labels):
         peer = models.build_model(teacher.arch, teacher.num_classes, teacher.shortcut)
         self.peer = peer.to(next(student.parameters()).device).train(self.training)
 
-    def step(self, student, images, targets, indices, teacher):
+    def step(self, student, images, targets, indices, teacher_out):
         logits = student(images)
         return logits, self({"logits": logits}, {"logits": self.peer(images)}, targets)
 

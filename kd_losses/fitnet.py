@@ -11,6 +11,9 @@ class FitNet(KDMethod):
     (the connector rule, kd_losses/base.py)."""
 
     paper = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets"
+    summary = "MSE of the last stage output, connector where widths differ"
+    weight_source = "seed zoo"
+    deviations = "one stage, no hint-training stage (seed zoo)"
     features = ("stage3",)
     default_weight = 0.1
 

@@ -31,6 +31,12 @@ class FlowOfSolutionProcedure(KDMethod):
 
     paper = ("Yim et al. 2017, A Gift from Knowledge Distillation: Fast Optimization, Network "
              "Minimization and Transfer Learning")
+    summary = ("MSE of FSP (Gram) matrices of consecutive stages (`/HW`, the larger map pooled), averaged over 3 "
+               "pairs; channel counts must match pair by pair (no connector)")
+    weight_source = "seed zoo, RepDistiller; cross-entropy only after the stage"
+    stage = ("the student learns the FSP loss alone for 50 epochs (SGD, lr x0.1 after 60 % and 80 %: the seed "
+             "zoo's 30/10/10 epochs)")
+    deviations = "stage of 50 epochs (seed zoo; RepDistiller 30)"
     features = ("stem", "stage1", "stage2", "stage3")
     default_weight = 0.0
     has_stage = True
@@ -46,9 +52,9 @@ class FlowOfSolutionProcedure(KDMethod):
                                  f"{teacher_shapes[name][0]} at {name}")
         self.epochs, self.lr, self.stage_weight = fsp_epochs, fsp_lr, fsp_stage_weight
 
-    def train_stage(self, student, teacher_outputs, batches):
+    def train_stage(self, student, teacher, batches):
         """Trains the student on the FSP loss alone; see stage.train_student_alone."""
-        train_student_alone(self, student, teacher_outputs, batches, self.epochs, self.lr, self.stage_weight)
+        train_student_alone(self, student, teacher, batches, self.epochs, self.lr, self.stage_weight)
 
     def forward(self, student, teacher, targets):
         losses = [F.mse_loss(fsp_matrix(student[a].float(), student[b].float()),

@@ -2,8 +2,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import progress_bar
 from .base import KDMethod, conv_bn_lrelu, register
+from .stage import train_stage
 
 
 @register("ft")
@@ -14,6 +14,10 @@ class FactorTransfer(KDMethod):
     with it. BN is kept in both on CIFAR-10 and CIFAR-100 alike."""
 
     paper = "Kim et al. 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer"
+    summary = "L1 between L2-normalised factors of a translator (student) and a pre-trained paraphraser (teacher)"
+    weight_source = "seed zoo"
+    stage = "the paraphraser learns to reconstruct the teacher's `stage3`, 30 epochs"
+    deviations = "BN kept on CIFAR-100 too (the seed zoo drops it there)"
     features = ("stage3",)
     default_weight = 200.0
     has_stage = True
@@ -42,26 +46,17 @@ class FactorTransfer(KDMethod):
         self.paraphraser.eval()  # frozen after its stage: BN statistics must not move
         return self
 
-    def train_stage(self, student, teacher_outputs, batches):
-        """Trains the paraphraser to reconstruct the teacher's last stage output, then freezes it.
-
-        teacher_outputs(images) -> feature dict of the frozen teacher; batches: a training loader.
-        The student takes no part."""
+    def train_stage(self, student, teacher, batches):
+        """Trains the paraphraser to reconstruct the teacher's last stage output (constant LR, no
+        Nesterov, as the seed zoo), then freezes it. The student takes no part."""
         self.paraphraser.requires_grad_(True)
         self.paraphraser.train()
-        optimizer = torch.optim.SGD(self.paraphraser.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
-        for epoch in range(1, self.epochs + 1):
-            total, seen = 0.0, 0
-            for images, _, _ in progress_bar(batches, f"paraphraser {epoch}/{self.epochs}"):
-                target = teacher_outputs(images)["stage3"].float()
-                loss = F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, seen = total + loss.detach() * len(images), seen + len(images)
-            if epoch == 1 or epoch == self.epochs or epoch % 10 == 0:
-                print(f"ft stage epoch {epoch}/{self.epochs}: paraphraser reconstruction mse {float(total) / seen:.5f}",
-                      flush=True)
+
+        def reconstruction_error(images):
+            target = teacher.outputs(images, ("stage3",))["stage3"].float()
+            return F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)), target)
+        train_stage("ft", list(self.paraphraser.parameters()), reconstruction_error, batches, self.epochs, self.lr,
+                    lr_steps=False, nesterov=False, what="paraphraser reconstruction mse")
         self.paraphraser.requires_grad_(False)
         self.paraphraser.eval()
 

@@ -51,6 +51,12 @@ class InstanceRelationshipGraph(KDMethod):
     widths pair with no connector. Returned as named terms, each times its weight."""
 
     paper = "Liu et al. 2019, Knowledge Distillation via Instance Relationship Graph"
+    summary = ("vertex (MSE of logits, x0.1), edge (MSE of max-normalised squared-distance matrices of `stage2`, "
+               "`stage3`, `pool`, x5) and transformation (`stage2` → `stage3` distances, x5) terms")
+    weight_source = "seed zoo"
+    deviations = ("one-to-one mode only (seed zoo); the transformation term averages adjacent channels down to "
+                  "the narrower stage, which equals the seed zoo's pair mean for these nets and also works for "
+                  "other widths")
     features = ("stage2", "stage3", "pool")
     hyperparameters = {"irg_w_vertex": (0.1, "weight of the vertex (logits) term"),
                        "irg_w_edge": (5.0, "weight of the edge term"),

@@ -31,8 +31,14 @@ class LwM(KDMethod):
     the spatial sizes must match."""
 
     paper = "Dhar et al. 2019, Learning without Memorizing"
+    summary = "L1 of L2-normalised Grad-CAM maps of the target class (student with a double backward)"
+    weight_source = "seed zoo"
+    deviations = ("stage2, not the last stage (seed zoo); the map is the paper's Grad-CAM (weights x feature "
+                  "map), where the seed zoo multiplies the weights by the gradient; element mean, not the "
+                  "per-sample sum")
     default_weight = 0.4
     compilable = False  # double backward
+    reads_teacher = False  # it runs the teacher itself, with autograd
 
     def __init__(self, student_shapes, teacher_shapes):
         super().__init__(student_shapes, teacher_shapes)
@@ -40,11 +46,11 @@ class LwM(KDMethod):
         if size_s != size_t:
             raise ValueError(f"LwM needs {STAGE} maps of equal spatial size, got {size_s} and {size_t}")
 
-    def step(self, student, images, targets, indices, teacher):
+    def step(self, student, images, targets, indices, teacher_out):
         logits, feats = student(images, features=True)
         cam_s = grad_cam(logits, feats[STAGE], targets, create_graph=True)
-        # the teacher's outputs in `teacher` come from inference mode and have no graph: run it again,
-        # on an input that requires grad so that its stage2 output has one
-        logits_t, feats_t = self.teacher_net(images.detach().requires_grad_(), features=True)
+        # the teacher's Grad-CAM needs a pass with autograd on, on an input that requires grad so that
+        # its stage2 output has one
+        logits_t, feats_t = self.teacher(images.detach().requires_grad_(), features=True)
         cam_t = grad_cam(logits_t, feats_t[STAGE], targets, create_graph=False).detach()
         return logits, F.l1_loss(cam_s, cam_t)

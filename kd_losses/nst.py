@@ -14,6 +14,9 @@ class NeuronSelectivityTransfer(KDMethod):
     L2-normalised, with the polynomial kernel k(x, y) = (x . y)^2 (d = 2, c = 0, as in the seed zoo)."""
 
     paper = "Huang & Wang 2017, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
+    summary = "squared MMD between L2-normalised channels, kernel `(x.y)^2`"
+    weight_source = "seed zoo"
+    deviations = "polynomial kernel d = 2, c = 0 (seed zoo)"
     features = ("stage3",)
     default_weight = 10.0
 

@@ -3,9 +3,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .base import KDMethod, register
-
-STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
+from .base import PRE_RELU_STAGES, KDMethod, register
 
 
 def negative_response_margin(bn):
@@ -33,13 +31,19 @@ class OverhaulFeatureDistillation(KDMethod):
     then it is 0."""
 
     paper = "Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation"
-    features = STAGES
+    summary = ("partial L2 between the student's pre-ReLU outputs through a 1x1 conv + BN connector and the "
+               "teacher's, raised to a per-channel margin from the teacher's BN statistics, averaged over 3 stages")
+    weight_source = "seed zoo"
+    deviations = ("margin from the teacher's BN as in the paper (the seed zoo uses each batch's mean negative "
+                  "response); element mean as the seed zoo (the official sum / batch / 1000 with stage weights "
+                  "corresponds to a weight of about 12 here)")
+    features = PRE_RELU_STAGES
     default_weight = 0.5
 
     def __init__(self, student_shapes, teacher_shapes):
         super().__init__(student_shapes, teacher_shapes)
         self.connectors = nn.ModuleDict()
-        for name in STAGES:
+        for name in PRE_RELU_STAGES:
             (c_s, *size_s), (c_t, *size_t) = student_shapes[name], teacher_shapes[name]
             if size_s != size_t:
                 raise ValueError(f"OFD needs equal spatial sizes, got {student_shapes[name]} and "
@@ -51,13 +55,13 @@ class OverhaulFeatureDistillation(KDMethod):
             self.register_buffer(f"margin_{name}", torch.zeros(c_t))
 
     def attach(self, student, teacher, train_labels):
-        batchnorms = teacher.pre_relu_batchnorms()
-        for name in STAGES:
+        batchnorms = teacher.network.pre_relu_batchnorms()
+        for name in PRE_RELU_STAGES:
             getattr(self, f"margin_{name}").copy_(negative_response_margin(batchnorms[name]))
 
     def forward(self, student, teacher, targets):
         losses = []
-        for name in STAGES:
+        for name in PRE_RELU_STAGES:
             s = self.connectors[name](student[name]).float()
             target = torch.max(teacher[name].float(), getattr(self, f"margin_{name}").view(1, -1, 1, 1))
             counted = (s > target) | (target > 0)

@@ -24,6 +24,8 @@ class RelationalKD(KDMethod):
     """Distance and angle relations between the pooled vectors of a batch, compared with smooth-L1."""
 
     paper = "Park et al. 2019, Relational Knowledge Distillation"
+    summary = "smooth-L1 of normalised pairwise distances (x25) and triplet angles (x50)"
+    weight_source = "seed zoo"
     features = ("pool",)
     hyperparameters = {"w_dist": (25.0, "weight of the distance term"),
                        "w_angle": (50.0, "weight of the angle term")}

@@ -21,14 +21,19 @@ class Sobolev(KDMethod):
     backward; the teacher's gradient comes from its own pass with autograd on."""
 
     paper = "Czarnecki et al. 2017, Sobolev Training for Neural Networks"
+    summary = ("MSE of the per-sample L2-normalised input gradients of the target-class logit (student with a "
+               "double backward)")
+    weight_source = "seed zoo"
+    deviations = "normalised gradients as in Jacobian matching (Srinivas & Fleuret 2018), as the seed zoo"
     default_weight = 20.0
     compilable = False  # double backward
+    reads_teacher = False  # it runs the teacher itself, with autograd
 
-    def step(self, student, images, targets, indices, teacher):
+    def step(self, student, images, targets, indices, teacher_out):
         images = images.detach().requires_grad_()
         logits = student(images)
         grad_s = unit_input_gradients(logits, images, targets, create_graph=True)
-        # the teacher's outputs in `teacher` come from inference mode and have no graph: run it again
+        # the teacher's input gradient needs a pass with autograd on
         images_t = images.detach().requires_grad_()
-        grad_t = unit_input_gradients(self.teacher_net(images_t), images_t, targets, create_graph=False)
+        grad_t = unit_input_gradients(self.teacher(images_t), images_t, targets, create_graph=False)
         return logits, F.mse_loss(grad_s, grad_t)

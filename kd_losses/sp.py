@@ -1,8 +1,6 @@
 import torch.nn.functional as F
 
-from .base import KDMethod, register
-
-STAGES = ("stage1", "stage2", "stage3")
+from .base import STAGES, KDMethod, register
 
 
 def similarity(feature):
@@ -18,6 +16,9 @@ class SimilarityPreserving(KDMethod):
     as in the seed zoo (RepDistiller uses only the last stage). Any widths and spatial sizes pair."""
 
     paper = "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation"
+    summary = "MSE of the row-normalised batch Gram matrices, averaged over 3 stages"
+    weight_source = "seed zoo, RepDistiller"
+    deviations = "3 stages averaged (seed zoo); RepDistiller uses the last only"
     features = STAGES
     default_weight = 3000.0
 

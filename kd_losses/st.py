@@ -8,6 +8,8 @@ class SoftTarget(KDMethod):
     """T^2 * KL(softmax(t / T) || softmax(s / T)), summed over classes, averaged over the batch."""
 
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network"
+    summary = "`T^2 KL(p_t^T ‖ p_s^T)`, batch mean"
+    weight_source = "seed zoo"
     default_weight = 0.1
     hyperparameters = {"T": (4.0, "softmax temperature")}
 

@@ -1,8 +1,9 @@
-"""The stage that AB and FSP run before training: the student learns from the teacher's features
-alone, with no labels, before training proper goes on with cross-entropy only."""
+"""The one stage loop: what FT (its paraphraser), AB and FSP (the student, from the teacher's
+features alone, with no labels) train before training proper. train_kd.py runs a method's
+train_stage() once, before the first epoch (engine.checkpoint.run_stage)."""
 import torch
 
-from utils import progress_bar
+from utils import log, progress_bar
 
 
 def stage_lr(lr, epoch, epochs):
@@ -11,30 +12,35 @@ def stage_lr(lr, epoch, epochs):
     return lr * 0.1 ** ((epoch > 0.6 * epochs) + (epoch > 0.8 * epochs))
 
 
-def train_student_alone(method, student, teacher_outputs, batches, epochs, lr, loss_weight):
-    """Trains the student and the method's learnable parts (connectors) on loss_weight x the
-    method's loss, for `epochs` passes over `batches`, with SGD (momentum 0.9, Nesterov, weight
-    decay 1e-4: the seed zoo's settings, whose stage reuses the training optimizer).
-
-    teacher_outputs(images) -> the frozen teacher's logits and the method's features;
-    batches yields (images, targets, indices)."""
-    student.train()
-    method.train()
-    parameters = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+def train_stage(name, parameters, batch_loss, batches, epochs, lr, lr_steps=True, nesterov=True, what="loss"):
+    """Minimises batch_loss(images) over `epochs` passes of `batches` ((images, targets, indices)
+    training batches) with SGD: momentum 0.9, weight decay 1e-4, the LR constant or, with
+    lr_steps, stepped by stage_lr. Prints the epoch's mean loss, named `what`, now and then."""
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
     for epoch in range(1, epochs + 1):
         for group in optimizer.param_groups:
-            group["lr"] = stage_lr(lr, epoch, epochs)
+            group["lr"] = stage_lr(lr, epoch, epochs) if lr_steps else lr
         total, seen = 0.0, 0
-        for images, targets, _ in progress_bar(batches, f"{method.name} stage {epoch}/{epochs}"):
-            teacher = teacher_outputs(images)
-            logits, feats = student(images, features=True)
-            outputs = {"logits": logits, **{k: feats[k] for k in method.features}}
-            loss = loss_weight * method(outputs, teacher, targets)
+        for images, _, _ in progress_bar(batches, f"{name} stage {epoch}/{epochs}"):
+            loss = batch_loss(images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, seen = total + loss.detach() * len(images), seen + len(images)
         if epoch == 1 or epoch == epochs or epoch % 10 == 0:
-            print(f"{method.name} stage epoch {epoch}/{epochs}: weighted {method.name} loss "
-                  f"{float(total) / seen:.5f}", flush=True)
+            log(f"{name} stage epoch {epoch}/{epochs}: {what} {float(total) / seen:.5f}")
+
+
+def train_student_alone(method, student, teacher, batches, epochs, lr, loss_weight):
+    """AB's and FSP's stage: the student and the method's learnable parts (connectors) learn
+    loss_weight x the method's loss from the teacher's features, with the seed zoo's settings
+    (its stage reuses the training optimizer: Nesterov, weight decay 1e-4)."""
+    student.train()
+    method.train()
+
+    def batch_loss(images):
+        logits, feats = student(images, features=True)
+        outputs = {"logits": logits, **{k: feats[k] for k in method.features}}
+        return loss_weight * method(outputs, teacher.outputs(images, method.features), None)
+    parameters = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
+    train_stage(method.name, parameters, batch_loss, batches, epochs, lr, what=f"weighted {method.name} loss")

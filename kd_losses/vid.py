@@ -4,9 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KDMethod, register
+from .base import STAGES, KDMethod, register
 
-STAGES = ("stage1", "stage2", "stage3")
 EPS = 1e-6  # variance floor; the seed zoo's value (RepDistiller uses 1e-5)
 
 
@@ -30,6 +29,11 @@ class VariationalInformation(KDMethod):
     The constant 0.5 log(2 pi) is left out, so the loss is not zero even when mu = t."""
 
     paper = "Ahn et al. 2019, Variational Information Distillation for Knowledge Transfer"
+    summary = ("Gaussian negative log-likelihood of the teacher's stage output under a regressor's mean and a "
+               "learned per-channel variance `softplus(a_c) + eps`, averaged over 3 stages")
+    weight_source = "seed zoo"
+    deviations = ("hidden width = teacher width, no BN in the regressor (seed zoo); element mean; eps 1e-6 "
+                  "(RepDistiller 1e-5)")
     features = STAGES
     default_weight = 1.0
     hyperparameters = {"vid_scale": (1.0, "hidden channels of the regressor = scale x teacher channels"),

@@ -4,6 +4,8 @@ from functools import partial
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from utils import UserError
+
 from .resnet import CifarResNet
 from .wrn import WideResNet
 
@@ -24,6 +26,14 @@ def build_model(name, num_classes, shortcut="projection"):
     model = MODELS[name](num_classes=num_classes, shortcut=shortcut)
     model.arch = name
     return model
+
+
+def build_network(name, num_classes, shortcut="projection"):
+    """build_model, with a combination the architecture lacks (a WRN with --shortcut identity) as a UserError."""
+    try:
+        return build_model(name, num_classes, shortcut)
+    except ValueError as e:
+        raise UserError(f"--model {name}: {e}.") from None
 
 
 def fold_batchnorm(model):

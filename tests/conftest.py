@@ -1,5 +1,8 @@
 """Fixtures: tiny CIFAR-10 and CIFAR-100 folders in the official python layout, written to a
 temporary directory (no network, no ../shared), and helpers to run the scripts as a user would."""
+import contextlib
+import importlib
+import io
 import os
 import pickle
 import subprocess
@@ -9,6 +12,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from utils import run_main  # noqa: E402
+
+DEVICE = "cpu"
 
 
 def _write_batch(path, images, labels, label_key):
@@ -61,14 +68,51 @@ OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:
            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": ""}
 
 
-def run_script(script, *args, check=True):
-    """Runs `python script args` from the repo root; returns the CompletedProcess."""
-    env = {**os.environ, **OFFLINE}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+@contextlib.contextmanager
+def offline_environment():
+    saved = dict(os.environ)
+    os.environ.update(OFFLINE)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_script(script, *args, check=True, subprocess_=False):
+    """Runs `python script args` as a user would and returns a CompletedProcess (exit code, stdout,
+    stderr). By default in this process, through the script's main(argv) and utils.run_main (the
+    same code path, without the start-up cost of a new interpreter); subprocess_=True starts a real
+    one, for what only a process shows."""
+    argv = [str(a) for a in args]
+    if subprocess_:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                              env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
+    else:
+        module = importlib.import_module(script[:-len(".py")])
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with offline_environment(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_main(module.main, argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        proc = subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def train_teacher(root, out, model):
+    """A teacher checkpoint: one epoch on the tiny CIFAR-10; returns its last.pt."""
+    run_script("train_base.py", "--data-root", root, "--output-dir", out, "--model", model, "--epochs", 1,
+               "--batch-size", 40, "--device", DEVICE)
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def teacher(cifar10_root, tmp_path_factory):
+    """One resnet8 teacher for every KD test that needs no other."""
+    return train_teacher(cifar10_root, tmp_path_factory.mktemp("teacher") / "run", "resnet8")
 
 
 def assert_user_error(proc, *fragments):
@@ -83,4 +127,4 @@ def assert_user_error(proc, *fragments):
         assert fragment in message, message
 
 
-TINY = ("--epochs", 2, "--batch-size", 32, "--model", "resnet8", "--device", "cpu")
+TINY = ("--epochs", 2, "--batch-size", 32, "--model", "resnet8", "--device", DEVICE)

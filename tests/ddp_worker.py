@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DATASETS, DeviceLoader  # noqa: E402
 from engine import Supervised, evaluate  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import resolve_device  # noqa: E402
+from engine import setup_device  # noqa: E402
 
 
 def synthetic(n, seed):
@@ -46,7 +46,7 @@ def evaluation(rank, world_size):
 
 if __name__ == "__main__":
     what, out = sys.argv[1], sys.argv[2]
-    _, rank, world_size = resolve_device("cpu")
+    _, rank, world_size = setup_device("cpu")
     result = {"first_step": first_step, "evaluation": evaluation}[what](rank, world_size)
     if what == "first_step" and world_size > 1:  # the processes' batches, to check they form the global one
         gathered = [torch.empty_like(result["labels"]) for _ in range(world_size)]

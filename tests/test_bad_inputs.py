@@ -38,7 +38,7 @@ def test_bad_base_flag(flag, value, capsys):
 def test_bad_flag_through_the_script(cifar10_root, tmp_path):
     out = tmp_path / "run"
     proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--epochs", "0",
-                      check=False)
+                      check=False, subprocess_=True)  # a real process: its exit status and stderr
     assert_user_error(proc, "--epochs", "must be a positive integer, got 0")
     assert proc.returncode == 2 and not out.exists()
 

@@ -52,6 +52,26 @@ def test_file_that_would_run_code_is_refused(tmp_path, cifar10_root):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_batches_written_with_pickle_protocol_2_load(tmp_path, cifar10_root):
+    """Python 3 writing protocol 2 reduces each array's bytes through _codecs.encode: such files
+    (which pickle.load(f, encoding="latin1") and torchvision read) load, with the same contents."""
+    import pickle
+    import shutil
+    root = tmp_path / "protocol2"
+    shutil.copytree(cifar10_root, root)
+    folder = root / "cifar-10-batches-py"
+    for name in DATASETS["cifar10"].train_files + DATASETS["cifar10"].test_files:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        entry["data"] = np.ascontiguousarray(entry["data"])
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    assert b"_codecs" in (folder / "test_batch").read_bytes()
+    for a, b in zip(load_cifar("cifar10", str(root), download=False),
+                    load_cifar("cifar10", cifar10_root, download=False)):
+        assert torch.equal(a, b)
+
+
 def position_images(n):
     """Channel 0 holds row + 1, channel 1 column + 1 (so zero only appears in the padding)."""
     rows = torch.arange(1, 33, dtype=torch.uint8).view(32, 1).expand(32, 32)

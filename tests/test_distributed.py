@@ -8,6 +8,8 @@ import torch
 
 from conftest import OFFLINE, ROOT, run_script
 
+pytestmark = pytest.mark.slow  # torchrun starts real processes
+
 
 def torchrun(*args, nproc=2):
     """`torchrun --standalone --nproc_per_node N ...`, through the interpreter so PATH does not matter."""

@@ -1,22 +1,13 @@
 """The fast path (bf16 autocast, channels_last, torch.compile) changes results only by rounding."""
-import argparse
 import csv
 import os
 
 import pytest
 import torch
 
-import train_base
+import config
 from conftest import run_script
 from utils import UserError
-
-
-@pytest.fixture(scope="module")
-def teacher(cifar10_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--model", "resnet8",
-               "--epochs", 1, "--batch-size", 40)
-    return out / "last.pt"
 
 
 def one_kd_epoch(teacher, cifar10_root, out, *speed):
@@ -52,13 +43,14 @@ def test_compiled_and_bf16_kd_epochs_match_fp32_eager(teacher, cifar10_root, tmp
 
 
 def test_speed_defaults_follow_the_device(monkeypatch):
-    args = argparse.Namespace(amp=None, channels_last=None, sync_bn=False)
-    assert train_base.resolve_speed(args, torch.device("cpu")) == torch.contiguous_format
-    assert args.amp == "off" and args.channels_last is False
+    cpu = dict(device="cpu", amp=None, channels_last=None, sync_bn=False)
+    assert config.speed_values(cpu) == {"amp": "off", "channels_last": False}
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(UserError, match="--amp bf16 needs bf16 support"):
-        train_base.resolve_speed(argparse.Namespace(amp="bf16", channels_last=None, sync_bn=False),
-                                 torch.device("cpu"))
+        config.speed_values({**cpu, "amp": "bf16"})
     with pytest.raises(UserError, match="--sync-bn needs CUDA"):
-        train_base.resolve_speed(argparse.Namespace(amp="off", channels_last=None, sync_bn=True),
-                                 torch.device("cpu"))
+        config.speed_values({**cpu, "sync_bn": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config.speed_values({**cpu, "device": "auto"})["amp"] == "off"
+    with pytest.raises(UserError, match="--device cuda was asked for"):
+        config.speed_values({**cpu, "device": "cuda"})

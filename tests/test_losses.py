@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import DeviceLoader
-from engine import Distiller
+from engine import Distiller, Teacher
 from golden import as64, close, fake_outputs
 from kd_losses import METHODS, KDMethod, build_method, default_hyperparameters
 from kd_losses.base import as_float
@@ -281,7 +281,7 @@ def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student
     """One training step through the Distiller: finite terms, gradients on the student (and the
     method's parts), none on the teacher, whose weights and buffers stay as they were."""
     torch.manual_seed(0)
-    student, teacher = build_model(student_arch, CLASSES), build_model(teacher_arch, CLASSES)
+    student, teacher = build_model(student_arch, CLASSES), Teacher(build_model(teacher_arch, CLASSES))
     labels = torch.arange(32) % CLASSES
     hparams = {**defaults(name), **({"crd_negatives": 6} if name == "crd" else {})}
     if name in NEEDS_EQUAL_WIDTHS and teacher_arch != student_arch:
@@ -290,15 +290,17 @@ def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student
         return
     method = build_method(name, hparams, student, teacher, labels)
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).train()
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    nets = (teacher.network, teacher.folded)
+    teacher_before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
     images, targets_, indices = training_batch(labels, method.negatives_per_sample)
     _, terms = task(images, targets_, indices)
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values()), terms
     sum(terms.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert any(p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    for net, before in zip(nets, teacher_before):
+        assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     for p in method.parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all()
@@ -308,8 +310,9 @@ def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student
 def test_own_step_is_zero_for_identical_networks(name):
     """The student a copy of the teacher (of the peer, for DML), both in eval mode: nothing to distil."""
     torch.manual_seed(0)
-    student, teacher = build_model("resnet8", CLASSES), build_model("resnet8", CLASSES)
-    student.load_state_dict(teacher.state_dict())
+    student, network = build_model("resnet8", CLASSES), build_model("resnet8", CLASSES)
+    student.load_state_dict(network.state_dict())
+    teacher = Teacher(network)
     labels = torch.arange(32) % CLASSES
     method = build_method(name, defaults(name), student, teacher, labels)
     if name == "dml":

@@ -16,6 +16,7 @@ from kd_losses.fsp import FlowOfSolutionProcedure
 from kd_losses.ofd import OverhaulFeatureDistillation
 from kd_losses.stage import stage_lr
 from kd_losses.vid import VariationalInformation
+from engine import Teacher
 from models import build_model
 
 BATCH = 3
@@ -163,7 +164,7 @@ def attached_ofd(student_shapes=None):
         last.bias[:len(BN_CASES)] = torch.tensor([b for _, b in BN_CASES])
     shapes = {"stage1_pre": (16, 32, 32), "stage2_pre": (32, 16, 16), "stage3_pre": (64, 8, 8)}
     method = OverhaulFeatureDistillation(student_shapes or shapes, shapes)
-    method.attach(build_model("resnet8", 10), teacher, None)
+    method.attach(build_model("resnet8", 10), Teacher(teacher), None)
     return method, teacher
 
 
@@ -392,18 +393,13 @@ def test_stage_trains_the_student_alone(cls, hparams, capsys):
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
 
-    def teacher_outputs(images):
-        with torch.inference_mode():
-            logits, feats = teacher(images, features=True)
-        return {"logits": logits.clone(), **{k: feats[k].clone() for k in cls.features}}
-
     with torch.no_grad():
         _, feats = student(torch.zeros(2, 3, 32, 32), features=True)
     shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
     method = cls(shapes, shapes, **hparams)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.arange(4), torch.arange(4) + 4 * i) for i in range(2)]
-    method.train_stage(student, teacher_outputs, batches)
+    method.train_stage(student, Teacher(teacher), batches)
 
     assert student.training
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])]

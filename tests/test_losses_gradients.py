@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import freeze_teacher
+from engine import Teacher
 from kd_losses import feature_shapes
 from kd_losses.bss import BSS, bss_schedule
 from kd_losses.lwm import LwM
@@ -28,7 +28,7 @@ def batch(n=4, seed=0):
 
 
 def pair(student_arch="resnet8", teacher_arch="resnet8", seed=0):
-    """A student in train mode and a teacher prepared as the trainer does (eval, frozen, BN folded)."""
+    """A student in train mode and a teacher network in eval mode, frozen."""
     torch.manual_seed(seed)
     student, teacher = build_model(student_arch, CLASSES), build_model(teacher_arch, CLASSES)
     student.train()
@@ -38,10 +38,10 @@ def pair(student_arch="resnet8", teacher_arch="resnet8", seed=0):
 
 
 def build(cls, student, teacher, **hparams):
-    """The method as train_kd.py makes it: built from feature shapes, attached, then the teacher folded."""
+    """The method as train_kd.py makes it: built from feature shapes, attached to the student and
+    the Teacher (which runs the network BN-folded)."""
     method = cls(feature_shapes(student), feature_shapes(teacher), **hparams)
-    method.attach(student, teacher, torch.zeros(1, dtype=torch.long))
-    freeze_teacher(teacher)
+    method.attach(student, Teacher(teacher), torch.zeros(1, dtype=torch.long))
     return method
 
 
@@ -105,7 +105,7 @@ def test_sobolev_golden(teacher_arch):
         return np.stack([row / np.sqrt((row ** 2).sum()) for row in g])
 
     g_s = unit_rows(input_gradients64(student64, images, targets))
-    g_t = unit_rows(input_gradients64(float64_copy(teacher), images, targets))
+    g_t = unit_rows(input_gradients64(float64_copy(method.teacher.folded), images, targets))
     expected = sum(((g_s[n] - g_t[n]) ** 2).sum() for n in range(len(images))) / g_s.size
     assert close(loss, expected)
 
@@ -150,7 +150,8 @@ def test_lwm_golden(teacher_arch):
     student64 = float64_copy(student)
     method = build(LwM, student, teacher)
     _, loss = method.step(student, images, targets, None, teacher_outputs(teacher, images))
-    cam_s, cam_t = grad_cams64(student64, images, targets), grad_cams64(float64_copy(teacher), images, targets)
+    cam_s = grad_cams64(student64, images, targets)
+    cam_t = grad_cams64(float64_copy(method.teacher.folded), images, targets)
     assert cam_s.shape == (len(images), 16 * 16)
     expected = sum(np.abs(cam_s[n] - cam_t[n]).sum() for n in range(len(images))) / cam_s.size
     assert close(loss, expected)
@@ -300,4 +301,5 @@ def test_step_is_finite_and_leaves_the_teacher_alone(cls, hparams, amp):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
     # the teacher is held outside the module tree: not trained, not checkpointed
-    assert "teacher_net" not in dict(method.named_modules()) and not list(method.state_dict())
+    assert not any(m is teacher or m is method.teacher.folded for m in method.modules())
+    assert not list(method.state_dict())

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-import utils
 from conftest import OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
+from engine import checkpoint
 from models import build_model
+from utils import UserError
 
 
 def metrics_without_time(out):
@@ -41,6 +42,7 @@ def bigger_cifar10(tmp_path_factory):
 BASE = ("--model", "resnet8", "--batch-size", 50, "--epochs", 5, "--lr-milestones", 3, "--device", "cpu")
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_path):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     run_script("train_base.py", "--data-root", bigger_cifar10, "--output-dir", straight, *BASE)
@@ -70,11 +72,8 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_pa
 # ft: a stage's result; crd: memory banks, Z and the loader's contrastive indices; bss: an epoch
 # schedule and an attack that draws from the global generator
 @pytest.mark.parametrize("method", ["st", "ft", "crd", "bss"])
-def test_kd_resume_equals_the_uninterrupted_run(method, cifar10_root, tmp_path):
-    teacher = tmp_path / "teacher"
-    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
-               "--epochs", 1, "--batch-size", 32)
-    common = ("--teacher", teacher / "last.pt", "--method", method, "--data-root", cifar10_root,
+def test_kd_resume_equals_the_uninterrupted_run(method, teacher, cifar10_root, tmp_path):
+    common = ("--teacher", teacher, "--method", method, "--data-root", cifar10_root,
               "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", "cpu",
               *{"ft": ("--ft-epochs", 2), "crd": ("--crd-negatives", 16),
                 "bss": ("--bss-steps", 2, "--bss-attack-size", 8)}.get(method, ()))
@@ -109,18 +108,35 @@ def test_resume_refuses_what_would_change_the_run(cifar10_root, tmp_path):
     assert "nothing to do" in nothing_left.stdout
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes(teacher, cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    common = ("--teacher", teacher, "--method", "st", "--data-root", cifar10_root, "--student", "resnet8",
+              "--batch-size", 40, "--device", "cpu", "--output-dir", out)
+    run_script("train_kd.py", *common, "--epochs", 1)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["config"]["stage_cache"]  # as written before --stage-cache existed
+    torch.save(ckpt, out / "last.pt")
+    resumed = run_script("train_kd.py", *common, "--epochs", 2, "--resume", "auto")
+    assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["stage_cache"] is None
+    proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--T", 2, check=False)
+    assert_user_error(proc, "--T 2.0 differs from 4.0")
+    proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--ft-k", 1, check=False)
+    assert_user_error(proc, "--ft-k belongs to --method ft")
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "epoch": 1}, path)
+    checkpoint.save_atomic({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 1}, path)
 
     def full_disk(obj, f):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(utils.UserError, match="No space left on device"):
-        utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "epoch": 2}, path)
+    with pytest.raises(UserError, match="No space left on device"):
+        checkpoint.save_atomic({"format": checkpoint.CHECKPOINT_FORMAT, "epoch": 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
 
 
@@ -135,9 +151,9 @@ class RunsCode:
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, cifar10_root):
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.pt"
-    torch.save({"format": utils.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, crafted)
-    with pytest.raises(utils.UserError, match="not a loadable checkpoint"):
-        utils.load_checkpoint(str(crafted))
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, crafted)
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        checkpoint.load_checkpoint(str(crafted))
     for args in (("train_kd.py", "--teacher", crafted, "--method", "st"),
                  ("train_base.py", "--resume", crafted)):
         proc = run_script(*args, "--data-root", cifar10_root, "--output-dir", tmp_path / "out", check=False)
@@ -149,13 +165,13 @@ def test_weights_load_strictly_and_name_the_key():
     model = build_model("resnet8", 10)
     good = build_model("resnet8", 10).state_dict()
     missing = {k: v for k, v in good.items() if k != "fc.bias"}
-    with pytest.raises(utils.UserError, match="lacks the weight 'fc.bias'"):
-        utils.load_weights(model, missing, "It")
-    with pytest.raises(utils.UserError, match="unexpected weight 'module.fc.bias'"):
-        utils.load_weights(model, {**good, "module.fc.bias": good["fc.bias"]}, "It")
-    with pytest.raises(utils.UserError, match=r"'fc.weight' of shape \(100, 64\), expected \(10, 64\)"):
-        utils.load_weights(model, {**good, "fc.weight": torch.zeros(100, 64)}, "It")
-    utils.load_weights(model, good, "It")
+    with pytest.raises(UserError, match="lacks the weight 'fc.bias'"):
+        checkpoint.load_weights(model, missing, "It")
+    with pytest.raises(UserError, match="unexpected weight 'module.fc.bias'"):
+        checkpoint.load_weights(model, {**good, "module.fc.bias": good["fc.bias"]}, "It")
+    with pytest.raises(UserError, match=r"'fc.weight' of shape \(100, 64\), expected \(10, 64\)"):
+        checkpoint.load_weights(model, {**good, "fc.weight": torch.zeros(100, 64)}, "It")
+    checkpoint.load_weights(model, good, "It")
     assert all(torch.equal(model.state_dict()[k], good[k]) for k in good)
 
 
@@ -171,4 +187,4 @@ def test_saved_keys_carry_no_wrapper_prefix():
     model = build_model("resnet8", 10)
     compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled here
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    assert utils.unwrap(compiled) is model and utils.unwrap(model) is model
+    assert checkpoint.unwrap(compiled) is model and checkpoint.unwrap(model) is model

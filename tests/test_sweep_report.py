@@ -96,6 +96,7 @@ def test_report_without_matplotlib_says_so(runs):
     assert "matplotlib is not installed, so no plots were drawn (pip install matplotlib)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     root = tmp_path / "sweep"
     args = ("sweep.py", "--data-root", cifar10_root, "--teacher", "resnet8", "--student", "resnet8", "--methods",

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_script, train_teacher
 from data import DATASETS, DeviceLoader
-from engine import Distiller, build_optimizer, freeze_teacher, train_one_epoch
+from engine import Distiller, Teacher, build_optimizer, train_one_epoch
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight
 from models import build_model
 
@@ -22,10 +22,9 @@ def kd_args(method):
 
 @pytest.fixture(scope="module")
 def teacher(cifar10_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--model", "resnet14",
-               "--epochs", 1, "--batch-size", 32)
-    return str(out / "best.pt")
+    """A resnet14 teacher: another architecture than the resnet8 students, so that the checks see
+    the teacher's architecture come from its checkpoint."""
+    return train_teacher(cifar10_root, tmp_path_factory.mktemp("teacher14") / "run", "resnet14")
 
 
 def rows(out):
@@ -58,21 +57,33 @@ def test_every_method_trains_end_to_end(method, teacher, cifar10_root, tmp_path)
     assert open(teacher, "rb").read() == teacher_bytes
 
 
-def test_ft_stage_runs_once_and_is_reused(teacher, cifar10_root, tmp_path):
-    first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    # a teacher of its own, so that no other test's stage cache is found
-    own_teacher = tmp_path / "teacher.pt"
-    own_teacher.write_bytes(open(teacher, "rb").read())
-    p1 = run_script("train_kd.py", "--teacher", own_teacher, "--method", "ft", "--data-root", cifar10_root,
-                    "--output-dir", first, *kd_args("ft"))
-    p2 = run_script("train_kd.py", "--teacher", own_teacher, "--method", "ft", "--data-root", cifar10_root,
-                    "--output-dir", second, *kd_args("ft"))
+def test_stage_result_is_kept_only_where_asked_and_reused(teacher, cifar10_root, tmp_path):
+    """Without --stage-cache nothing is written outside the run folder; with it, the second run with
+    the same key loads the first one's stage result instead of training it again."""
+    plain, first, second = str(tmp_path / "plain"), str(tmp_path / "first"), str(tmp_path / "second")
+    cache = tmp_path / "stages"
+    teacher_folder = sorted(os.listdir(os.path.dirname(teacher)))
+    run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--data-root", cifar10_root,
+               "--output-dir", plain, *kd_args("ft"))
+    assert sorted(os.listdir(os.path.dirname(teacher))) == teacher_folder and "stage.pt" in os.listdir(plain)
+    p1 = run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--data-root", cifar10_root,
+                    "--output-dir", first, "--stage-cache", cache, *kd_args("ft"))
+    p2 = run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--data-root", cifar10_root,
+                    "--output-dir", second, "--stage-cache", cache, *kd_args("ft"))
     assert "ft stage epoch 1/1" in p1.stdout and "paraphraser" not in p2.stdout
     assert "loaded its result" in p2.stdout
-    assert [f for f in os.listdir(tmp_path) if f.startswith("stage-ft-")]
-    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (first, second))
-    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [f for f in os.listdir(cache) if f.startswith("stage-ft-")]
+    a, b, c = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (first, second, plain))
+    for other in (b, c):
+        assert all(torch.equal(a["method"][k], other["method"][k]) for k in a["method"])
+        assert all(torch.equal(a["model"][k], other["model"][k]) for k in a["model"])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    proc = run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--data-root", cifar10_root,
+                      "--output-dir", tmp_path / "blocked", "--stage-cache", blocked / "stages", *kd_args("ft"),
+                      check=False)
+    assert_user_error(proc, "Cannot write to the stage cache")
+    assert not (tmp_path / "blocked").exists()
 
 
 def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_root, tmp_path):
@@ -91,16 +102,15 @@ def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_
 
 def test_teacher_is_never_updated():
     torch.manual_seed(0)
-    student, teacher = build_model("resnet8", 10), build_model("resnet14", 10)
-    unfolded = {k: v.clone() for k, v in teacher.state_dict().items()}
-    before = {k: v.clone() for k, v in freeze_teacher(teacher).state_dict().items()}
+    student, network = build_model("resnet8", 10), build_model("resnet14", 10)
     spec = DATASETS["cifar10"]
     labels = torch.arange(64) % 10
     loader = DeviceLoader(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), labels, 32, spec.mean,
                           spec.std, train=True)
+    teacher = Teacher(network)
+    before = {part: {k: v.clone() for k, v in getattr(teacher, part).state_dict().items()}
+              for part in ("network", "folded")}
     for name in METHODS:
-        teacher = build_model("resnet14", 10)  # a fresh copy: methods read the teacher before it is folded
-        teacher.load_state_dict(unfolded)
         method = build_method(name, default_hyperparameters(name), student, teacher, labels)
         loader.add_negatives(method.negatives_per_sample)
         # weight 1 rather than the default, which is 0 for the methods that only act in their stage
@@ -109,11 +119,15 @@ def test_teacher_is_never_updated():
                                                                    weight_decay=1e-4, lr_milestones=[1],
                                                                    lr_gamma=0.1)))
         train_one_epoch(task, loader, optimizer)
-        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-        assert "teacher" not in dict(task.named_children())
-        assert all(not k.startswith("teacher") for k in task.state_dict())
-        after = teacher.state_dict()
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+        for part in ("network", "folded"):
+            net = getattr(teacher, part)
+            assert not net.training and not any(p.requires_grad for p in net.parameters())
+            after = net.state_dict()
+            assert before[part].keys() == after.keys(), name
+            assert all(torch.equal(before[part][k], after[k]) for k in after), (name, part)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.folded.modules())
+        assert all(not k.startswith("teacher") and ".teacher." not in k for k in task.state_dict()), name
+        assert not any(m is teacher.network or m is teacher.folded for m in task.modules()), name
 
 
 def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
@@ -140,15 +154,17 @@ def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
 
 def test_folded_teacher_gives_the_same_outputs_and_features():
     torch.manual_seed(0)
-    teacher = build_model("resnet14", 10)
+    network = build_model("resnet14", 10)
     x = torch.randn(6, 3, 32, 32)
-    teacher.train()(x)  # moves the BN running statistics away from their initial values
-    teacher.eval()
+    network.train()(x)  # moves the BN running statistics away from their initial values
+    network.eval()
     with torch.no_grad():
-        logits, feats = teacher(x, features=True)
-        folded = freeze_teacher(teacher)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-        logits2, feats2 = folded(x, features=True)
+        logits, feats = network(x, features=True)
+    teacher = Teacher(network)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.network.modules())  # kept for attach()
+    outputs = teacher.outputs(x, tuple(feats))
+    logits2, feats2 = outputs["logits"], outputs
     assert torch.allclose(logits, logits2, rtol=1e-4, atol=1e-5)
     for k in feats:
         assert torch.allclose(feats[k], feats2[k], rtol=1e-4, atol=1e-5), k

@@ -1,0 +1,315 @@
+"""Every setting of a run, in one place: the defaults and recipes (edit them here), the flags of
+train_base.py and train_kd.py, and resolve(), which turns the flags into one frozen Config.
+
+Where a value comes from, first match wins:
+  1. a resumed run (--resume): the run's own config, saved in its last.pt; only the flags in
+     MAY_CHANGE_ON_RESUME may differ from it
+  2. the flag, when typed
+  3. the recipe of the data set (RECIPES), for the recipe flags
+  4. the method's own default (kd_losses/<method>.py), for --kd-weight and the method's flags
+  5. DEFAULTS
+Every parser default is None, so a flag that is not None was typed: no second parse is needed.
+"""
+import argparse
+import hashlib
+import os
+
+import torch
+
+from data import DATASETS
+from kd_losses import METHODS, default_hyperparameters, default_weight
+from models import MODELS, SHORTCUTS
+from engine.checkpoint import load_checkpoint
+from utils import UserError, fraction, log, non_negative, positive
+
+# ---------------------------------------------------------------------------------------------
+# Defaults: edit these (or pass the flag) to change a run.
+# ---------------------------------------------------------------------------------------------
+
+# Per data set: CIFAR-10 as in He et al. 2016 (the seed zoo), CIFAR-100 as in the CRD benchmark.
+RECIPES = {
+    "cifar10": dict(epochs=200, lr_milestones=[100, 150], batch_size=128, lr=0.1,
+                    momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "cifar100": dict(epochs=240, lr_milestones=[150, 180, 210], batch_size=64, lr=0.05,
+                     momentum=0.9, nesterov=False, weight_decay=5e-4),
+}
+
+DEFAULTS = dict(
+    dataset="cifar10",       # train_kd.py: the teacher's
+    model="resnet20",        # --model in train_base.py, --student in train_kd.py
+    shortcut="projection",   # where a block changes shape: 1x1 conv + BN ("identity": the paper's zero padding)
+    lr_gamma=0.1,            # LR factor at each milestone
+    seed=0,
+    val_split=0,             # training images held out to choose the best epoch; 0: chosen on the test set
+    data_root="./dataset",
+    output_dir=None,         # None: runs/<data set>-<model(s)>-seed<seed>
+    device="auto",           # auto: CUDA when available, else the CPU
+    amp=None,                # None: bf16 on CUDA, off on the CPU
+    channels_last=None,      # None: on for CUDA
+    compile=False,
+    sync_bn=False,
+    resume=None,
+    # train_kd.py only
+    ce_weight=1.0,
+    kd_weight=None,          # None: the method's own default weight
+    stage_cache=None,        # folder that keeps stage results (FT, AB, FSP) across runs; None: none kept
+)
+
+# flags that may differ from the run being resumed: they change where or how long, not what
+MAY_CHANGE_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher", "amp",
+                        "channels_last", "compile", "stage_cache")
+KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache")
+
+
+class Config(argparse.Namespace):
+    """The resolved settings of a run: read them as attributes; they cannot be changed."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the config is frozen: {name} is set in config.resolve()")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"the config is frozen: {name} is set in config.resolve()")
+
+
+def get_args_parser(script):
+    """The parser of train_base.py (script 'base') or train_kd.py ('kd'). Defaults are shown in
+    the help but applied by resolve(), so that a value that is not None was typed."""
+    kd = script == "kd"
+    parser = argparse.ArgumentParser(
+        description=("Train a student with a KD loss from a teacher checkpoint." if kd else
+                     "Train a CIFAR network with cross-entropy (a teacher, or a baseline student)."),
+        allow_abbrev=False)
+    if kd:
+        parser.add_argument("--teacher", required=True, help="checkpoint written by train_base.py")
+        parser.add_argument("--method", choices=list(METHODS), required=True, help="KD method (docs/methods.md)")
+    parser.add_argument("--dataset", choices=list(DATASETS),
+                        help="data set (default: " + ("the teacher's)" if kd else "cifar10)"))
+    parser.add_argument("--student" if kd else "--model", dest="model", choices=list(MODELS),
+                        help=f"architecture to train (default: {DEFAULTS['model']})")
+    parser.add_argument("--shortcut", choices=SHORTCUTS, help="where a block changes shape: 1x1 conv + BN "
+                        "(projection), or the paper's zero padding (identity) (default: projection)")
+    recipe = parser.add_argument_group("recipe (a flag left out takes the data set's entry in config.RECIPES)")
+
+    def recipe_flag(flag, help_text, **kwargs):
+        key = flag[2:].replace("-", "_")
+        defaults = ", ".join(f"{name}: {values[key]}" for name, values in RECIPES.items())
+        recipe.add_argument(flag, help=f"{help_text} (default: {defaults})", **kwargs)
+    recipe_flag("--epochs", "epochs to train", type=positive(int))
+    recipe_flag("--batch-size", "images per step", type=positive(int))
+    recipe_flag("--lr", "initial learning rate", type=positive(float))
+    recipe_flag("--lr-milestones", "epochs after which the LR is multiplied by --lr-gamma; with --epochs "
+                "alone, the recipe's scaled to it", type=positive(int), nargs="+")
+    recipe.add_argument("--lr-gamma", type=positive(float), help="LR decay factor at each milestone (default: 0.1)")
+    recipe_flag("--momentum", "SGD momentum", type=fraction)
+    recipe_flag("--weight-decay", "L2 weight decay", type=non_negative(float))
+    recipe_flag("--nesterov", "Nesterov momentum", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--seed", type=non_negative(int), help="fixes every random source (default: 0)")
+    parser.add_argument("--val-split", type=non_negative(int),
+                        help="training images held out (class-balanced) to choose the best epoch; "
+                             "0 chooses it on the test set (default: 0)")
+    parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                                            "(default: ./dataset)")
+    parser.add_argument("--output-dir", help="where the run's files go (default: a folder under runs/ "
+                                             "named after the data set, model(s) and seed)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA when available, else the CPU (default: auto)")
+    speed = parser.add_argument_group("speed (results change only by floating-point rounding)")
+    speed.add_argument("--amp", choices=["bf16", "off"],
+                       help="bf16 autocast, losses in fp32 (default: bf16 on CUDA, off on the CPU)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                       help="NHWC memory layout (default: on for CUDA)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the training step and the teacher's forward (CUDA graphs on "
+                            "CUDA) (default: off)")
+    parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                        help="under torchrun on CUDA: BN statistics over the global batch (default: off)")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue the run in this last.pt; auto: the one in --output-dir, if any")
+    if kd:
+        parser.add_argument("--kd-weight", type=non_negative(float),
+                            help="weight of the KD loss (default: the method's own, docs/methods.md)")
+        parser.add_argument("--ce-weight", type=non_negative(float),
+                            help="weight of the cross-entropy loss (default: 1.0)")
+        parser.add_argument("--stage-cache", metavar="DIR",
+                            help="keep the results of a method's stage (FT, AB, FSP) in DIR and reuse them "
+                                 "in later runs with the same teacher, student, seed, data and settings "
+                                 "(default: none kept outside the run folder)")
+        add_method_flags(parser)
+    return parser
+
+
+def add_method_flags(parser):
+    """Every method's hyper-parameters as --flags, one group per method (a flag shared by several
+    methods, such as --T, shows each one's default)."""
+    users = {}  # flag -> the methods that read it
+    for name, cls in METHODS.items():
+        for key in cls.hyperparameters:
+            users.setdefault(key, []).append(name)
+    added = set()
+    for name, cls in METHODS.items():
+        fresh = {k: v for k, v in cls.hyperparameters.items() if k not in added}
+        if not fresh:
+            continue
+        group = parser.add_argument_group(f"--method {name}")
+        for key, spec in fresh.items():
+            default, help_text = spec[:2]
+            kind = spec[2] if len(spec) > 2 else type(default)  # a default of None names its type
+            if len(users[key]) > 1:
+                shown = " (default: " + ", ".join(f"{m} {METHODS[m].hyperparameters[key][0]}" for m in users[key]) + ")"
+            else:
+                shown = "" if default is None else f" (default: {default})"
+            group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=positive(kind), help=help_text + shown)
+            added.add(key)
+
+
+def resolve(args, script):
+    """(Config, resume) from parsed flags: resume is (checkpoint, path) of the last.pt to continue,
+    or None. Every check that needs no data or network happens here, before anything is written."""
+    typed = {key: value for key, value in vars(args).items() if value is not None}
+    values = {key: value for key, value in DEFAULTS.items() if script == "kd" or key not in KD_ONLY}
+    values.update(typed)
+    if script == "kd":
+        refuse_other_methods_flags(values["method"], typed)
+        values.update(teacher_fields(values["teacher"], typed.get("dataset")))
+    values = {key: value for key, value in values.items() if not is_method_flag(key)}
+    if values["output_dir"] is None:
+        models = values["model"] if script == "base" else \
+            f"{values['method']}-{values['teacher_arch']}-to-{values['model']}"
+        values["output_dir"] = os.path.join("runs", f"{values['dataset']}-{models}-seed{values['seed']}")
+    resume = find_resume(values["resume"], values["output_dir"], script)
+    if resume:
+        values = adopt_saved(values, typed, *resume)
+    else:
+        values.update(recipe_values(values["dataset"], typed))
+    if script == "kd":
+        values.update(method_values(values, typed, resume is not None))
+        values["teacher_sha256"] = file_sha256(values["teacher"])
+        if resume and values["teacher_sha256"] != resume[0]["config"]["teacher_sha256"]:
+            raise UserError(f"{values['teacher']} is not the teacher of the run in {resume[1]} "
+                            f"(its contents differ).")
+    values.update(speed_values(values))
+    return Config(**values), resume
+
+
+def is_method_flag(key):
+    return any(key in cls.hyperparameters for cls in METHODS.values())
+
+
+def teacher_fields(path, dataset):
+    """The data set (the teacher's unless given) and the teacher's architecture, checked against each other."""
+    ckpt = load_checkpoint(path)
+    dataset = dataset or ckpt["dataset"]
+    if ckpt["dataset"] != dataset:
+        raise UserError(f"The teacher {path} was trained on {ckpt['dataset']}, not on {dataset}.")
+    if ckpt["num_classes"] != DATASETS[dataset].num_classes:
+        raise UserError(f"The teacher {path} has {ckpt['num_classes']} classes but "
+                        f"{dataset} has {DATASETS[dataset].num_classes}.")
+    return {"dataset": dataset, "teacher_arch": ckpt["arch"]}
+
+
+def recipe_values(dataset, typed):
+    """The recipe flags left out, from RECIPES[dataset]; with --epochs alone, the milestones scaled to it."""
+    recipe = RECIPES[dataset]
+    values = {key: typed.get(key, default) for key, default in recipe.items()}
+    if "lr_milestones" not in typed and "epochs" in typed and typed["epochs"] != recipe["epochs"]:
+        scale = typed["epochs"] / recipe["epochs"]
+        values["lr_milestones"] = sorted({max(1, round(m * scale)) for m in recipe["lr_milestones"]})
+        log(f"note: --epochs {typed['epochs']} without --lr-milestones: the recipe's milestones "
+            f"{recipe['lr_milestones']} scaled to {values['lr_milestones']}")
+    if sorted(set(values["lr_milestones"])) != values["lr_milestones"]:
+        raise UserError(f"--lr-milestones must increase strictly, got {values['lr_milestones']}.")
+    return values
+
+
+def refuse_other_methods_flags(method, typed):
+    own = METHODS[method].hyperparameters
+    for name, cls in METHODS.items():
+        for key in cls.hyperparameters:
+            if key in typed and key not in own:
+                raise UserError(f"--{key.replace('_', '-')} belongs to --method {name}, not to --method {method}.")
+
+
+def method_values(values, typed, resuming):
+    """The chosen method's hyper-parameters and KD weight."""
+    method = values["method"]
+    if resuming:  # the run's own values, already adopted (a typed one that differs was refused)
+        return {}
+    chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()}
+    if values["kd_weight"] is None:
+        chosen["kd_weight"] = default_weight(method, values["dataset"])
+    return chosen
+
+
+def method_hyperparameters(cfg):
+    """The chosen method's hyper-parameters, as its constructor takes them."""
+    return {key: getattr(cfg, key) for key in METHODS[cfg.method].hyperparameters}
+
+
+def speed_values(values):
+    """--amp and --channels-last for the device, where not given; bf16 refused where it cannot run."""
+    device = values["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this PyTorch sees no CUDA device.")
+    amp, channels_last = values["amp"], values["channels_last"]
+    if amp is None:
+        amp = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if channels_last is None:
+        channels_last = device == "cuda"
+    if values["sync_bn"] and device != "cuda":
+        raise UserError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only.")
+    if amp == "bf16":
+        supported = (torch.cuda.is_bf16_supported() if device == "cuda"
+                     else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not supported:
+            raise UserError(f"--amp bf16 needs bf16 support, which this {device.upper()} lacks; use --amp off.")
+    return {"amp": amp, "channels_last": channels_last}
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def find_resume(resume, output_dir, script):
+    """The (checkpoint, path) that --resume names, or None."""
+    if resume is None:
+        return None
+    path = os.path.join(output_dir, "last.pt") if resume == "auto" else resume
+    if resume == "auto" and not os.path.exists(path):
+        log(f"--resume auto: {path} does not exist yet, so this is a new run")
+        return None
+    ckpt = load_checkpoint(path)
+    if "history" not in ckpt:
+        raise UserError(f"{path} is not a last.pt (it holds no optimizer state); resume from last.pt.")
+    if ("kd" in ckpt) != (script == "kd"):
+        written_by = "train_kd.py" if "kd" in ckpt else "train_base.py"
+        raise UserError(f"{path} was written by {written_by}; resume it with {written_by}.")
+    return ckpt, path
+
+
+def adopt_saved(values, typed, ckpt, path):
+    """The saved config of the run in `path`, with the typed flags that may change on resume. A typed
+    flag that would change the run is an error; one that may change is kept, and a note says so."""
+    saved = {key: value for key, value in ckpt["config"].items() if key != "resume"}
+    for key, mine in typed.items():
+        if key not in MAY_CHANGE_ON_RESUME and key in saved and mine != saved[key]:
+            raise UserError(f"--{key.replace('_', '-')} {mine} differs from {saved[key]} in the run in {path}; "
+                            f"start a new run (another --output-dir) to change it.")
+    adopted = dict(saved)
+    for key in MAY_CHANGE_ON_RESUME:
+        if key in typed:
+            if key in saved and typed[key] != saved[key]:
+                log(f"note: resuming with --{key.replace('_', '-')} {typed[key]} (the run had {saved[key]})")
+            adopted[key] = typed[key]
+    adopted["resume"] = values["resume"]
+    adopted["output_dir"] = typed.get("output_dir", os.path.dirname(os.path.abspath(path)))
+    for key, value in values.items():  # settings added since that checkpoint was written
+        adopted.setdefault(key, value)
+    if adopted["epochs"] < ckpt["epoch"]:
+        raise UserError(f"--epochs {adopted['epochs']} is fewer than the {ckpt['epoch']} epochs {path} already holds.")
+    return adopted

@@ -1,0 +1,12 @@
+"""The engine both scripts share, one job a file:
+
+  loop.py        fit(): train, step the LR, evaluate, record, save; train_one_epoch, evaluate
+  tasks.py       what is trained: Supervised (cross-entropy), Distiller (student + KD method), and
+                 the frozen Teacher
+  checkpoint.py  last.pt / best.pt, safe loading, resume, and the stage result of FT, AB and FSP
+  processes.py   device and rank, torchrun and DDP, reductions, replica checks, signals
+"""
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_weights, run_stage, save_atomic, unwrap  # noqa: F401
+from .loop import autocast, build_optimizer, evaluate, fit, train_one_epoch  # noqa: F401
+from .processes import setup_device  # noqa: F401
+from .tasks import Distiller, Supervised, Teacher  # noqa: F401

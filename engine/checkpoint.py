@@ -1,0 +1,125 @@
+"""Checkpoints: writing them atomically, loading them safely, and putting a run back on resume.
+
+last.pt holds everything a resume needs (weights, the method's state, optimizer, LR schedule,
+random generators, history); best.pt the same without the RESUME_ONLY parts. Both hold plain
+types and tensors only and load with torch.load(..., weights_only=True).
+"""
+import hashlib
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from utils import UserError, barrier, is_main, log, write_atomic
+
+CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
+RESUME_ONLY = ("optimizer", "scheduler", "rng", "history")  # in last.pt, not in best.pt
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_checkpoint(path):
+    """Loads a checkpoint written by this project, refusing anything that needs code to unpickle."""
+    if not os.path.isfile(path):
+        raise UserError(f"Checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, arbitrary code: all refused the same way
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a loadable checkpoint ({first_line}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by train_base.py or train_kd.py.")
+    return ckpt
+
+
+def unwrap(module):
+    """The plain module inside torch.compile's and DistributedDataParallel's wrappers, so that
+    saved keys never carry their '_orig_mod.' or 'module.' prefixes."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def load_weights(module, state_dict, what):
+    """Strict load that names the first mismatching key instead of PyTorch's multi-line report."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing:
+        raise UserError(f"{what} lacks the weight '{missing[0]}' ({len(missing)} missing in all).")
+    if unexpected:
+        raise UserError(f"{what} has the unexpected weight '{unexpected[0]}' ({len(unexpected)} in all).")
+    for k, v in own.items():
+        if v.shape != state_dict[k].shape:
+            raise UserError(f"{what} has '{k}' of shape {tuple(state_dict[k].shape)}, expected {tuple(v.shape)}.")
+    module.load_state_dict(state_dict)
+
+
+def rng_state(loader):
+    state = {"torch": torch.get_rng_state(), "data": loader.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def epoch_checkpoint(task, optimizer, scheduler, loader, info, fields):
+    """last.pt's contents after an epoch: info (architecture, config, ...), fields (epoch, accuracy,
+    history, ...), the student's weights, the method's state and everything a resume needs."""
+    task = unwrap(task)
+    return {"format": CHECKPOINT_FORMAT, **info, **fields, "model": task.student.state_dict(),
+            "method": {k: v for k, v in task.state_dict().items() if not k.startswith("student.")},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(loader)}
+
+
+def save_epoch(checkpoint, output_dir, improved):
+    """Writes last.pt, and best.pt (without the resume-only parts) when the epoch improved."""
+    if improved:
+        save_atomic({k: v for k, v in checkpoint.items() if k not in RESUME_ONLY}, os.path.join(output_dir, "best.pt"))
+    save_atomic(checkpoint, os.path.join(output_dir, "last.pt"))
+
+
+def restore(task, optimizer, scheduler, loader, ckpt, path):
+    """Puts a last.pt back: weights (strictly), optimizer, LR schedule and every random generator."""
+    load_weights(task, {**{f"student.{k}": v for k, v in ckpt["model"].items()}, **ckpt["method"]},
+                 f"The checkpoint {path}")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        loader.generator.set_state(ckpt["rng"]["data"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"The checkpoint {path} cannot be resumed ({type(e).__name__}: {e}).") from None
+
+
+def run_stage(task, loader, key, output_dir, cache_dir=None):
+    """Runs the method's stage before training (FT's paraphraser, AB's and FSP's student
+    initialisation) and saves its result, the whole task, as stage.pt in the run folder. With a
+    cache_dir, a result there for the same key (teacher, student, seed, data, settings) is loaded
+    instead, and a new one is kept there for later runs. Under torchrun rank 0 runs the stage and
+    the other processes load its result."""
+    stage_path = os.path.join(output_dir, "stage.pt")
+    if is_main():
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        cached = cache_dir and os.path.join(cache_dir, f"stage-{key['method']}-{digest}.pt")
+        if cached and os.path.exists(cached):
+            load_weights(task, load_checkpoint(cached)["task"], f"The stage result {cached}")
+            log(f"{key['method']} stage: loaded its result from {cached}")
+        else:  # on a copy of the loader, so that the student then sees the batches it would without a stage
+            task.method.train_stage(task.student, task.teacher, loader.unsharded_copy())
+        result = {"format": CHECKPOINT_FORMAT, "key": key, "task": task.state_dict()}
+        save_atomic(result, stage_path)
+        if cached and not os.path.exists(cached):
+            save_atomic(result, cached)
+            log(f"{key['method']} stage: result kept in {cached} for later runs")
+    barrier()
+    if not is_main():
+        load_weights(task, load_checkpoint(stage_path)["task"], "The stage result")
