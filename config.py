@@ -48,6 +48,7 @@ DEFAULTS = dict(
     channels_last=None,      # None: on for CUDA
     compile=False,
     sync_bn=False,
+    deterministic=False,     # deterministic algorithms: bit-exact resume on CUDA too, somewhat slower there
     resume=None,
     # train_kd.py only
     ce_weight=1.0,
@@ -57,7 +58,7 @@ DEFAULTS = dict(
 
 # flags that may differ from the run being resumed: they change where or how long, not what
 MAY_CHANGE_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher", "amp",
-                        "channels_last", "compile", "stage_cache")
+                        "channels_last", "compile", "deterministic", "stage_cache")
 KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache")
 
 
@@ -126,6 +127,9 @@ def get_args_parser(script):
                             "CUDA) (default: off)")
     parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                         help="under torchrun on CUDA: BN statistics over the global batch (default: off)")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                        help="deterministic algorithms only, so that a resumed run equals an uninterrupted "
+                             "one bit for bit on CUDA too (exact on the CPU without it) (default: off)")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue the run in this last.pt; auto: the one in --output-dir, if any")
     if kd:
@@ -173,6 +177,9 @@ def resolve(args, script):
     values.update(typed)
     if script == "kd":
         refuse_other_methods_flags(values["method"], typed)
+        if values["sync_bn"] and METHODS[values["method"]].double_backward:
+            raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
+                            f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
         values.update(teacher_fields(values["teacher"], typed.get("dataset")))
     values = {key: value for key, value in values.items() if not is_method_flag(key)}
     if values["output_dir"] is None:

@@ -22,7 +22,7 @@ def get_args_parser():
 
 def main(argv=None):
     cfg, resume = config.resolve(get_args_parser().parse_args(argv), "base")
-    device, rank, world_size = setup_device(cfg.device)
+    device, rank, world_size = setup_device(cfg.device, cfg.deterministic)
     loaders, num_classes = make_loaders(cfg, device, rank, world_size)
 
     set_seed(cfg.seed)

@@ -26,10 +26,10 @@ def get_args_parser():
 def main(argv=None):
     cfg, resume = config.resolve(get_args_parser().parse_args(argv), "kd")
     hparams = config.method_hyperparameters(cfg)
-    device, rank, world_size = setup_device(cfg.device)
+    device, rank, world_size = setup_device(cfg.device, cfg.deterministic)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     loaders, num_classes = make_loaders(cfg, device, rank, world_size)
-    teacher = Teacher.load(cfg.teacher, device, memory_format, cfg.compile)
+    teacher = Teacher.load(cfg.teacher, device, memory_format, cfg.compile, cfg.amp == "bf16")
 
     set_seed(cfg.seed)  # the student first after seeding, as in train_base.py: it starts from the baseline's weights
     student = build_network(cfg.model, num_classes, cfg.shortcut).to(device, memory_format=memory_format)

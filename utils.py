@@ -1,6 +1,7 @@
 """Small helpers shared by everything: the user-error exit, logging, seeding, flag types, file writes."""
 import argparse
 import csv
+import gc
 import json
 import os
 import random
@@ -21,8 +22,10 @@ def run_main(main, argv=None):
     try:
         main(argv)
         if dist.is_initialized():
-            # every process done with its collectives before any tears the group down (gloo can
-            # abort at exit when a peer's group goes away while its own threads still run)
+            # release the run's objects (DDP's reducer and the work it holds) while the interpreter
+            # is whole, and let every process finish its collectives before any tears the group
+            # down: gloo can abort at exit ("terminate called without an active exception") otherwise
+            gc.collect()
             dist.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

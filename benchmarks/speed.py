@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DATASETS, DeviceLoader  # noqa: E402
-from engine import Distiller, Supervised, Teacher, autocast  # noqa: E402
+from engine import Distiller, Supervised, Teacher, train_step  # noqa: E402
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -87,13 +87,13 @@ def device_batches(images, labels, batch_size, device, channels_last):
     yield from itertools.chain.from_iterable(itertools.repeat(loader))
 
 
-def build_task(row, device, memory_format, labels, compile_steps=False):
+def build_task(row, device, memory_format, labels, compile_steps=False, amp=False):
     torch.manual_seed(0)
     if row.startswith("base-"):
         task = Supervised(build_model(row[5:], 10).to(device, memory_format=memory_format))
     else:
         student = build_model("resnet20", 10).to(device, memory_format=memory_format)
-        teacher = Teacher(build_model("resnet110", 10).to(device), memory_format, compile_steps)
+        teacher = Teacher(build_model("resnet110", 10).to(device), memory_format, compile_steps, amp)
         name = row[3:]
         method = build_method(name, default_hyperparameters(name), student, teacher, labels.to(device))
         task = Distiller(student, teacher, method.to(device, memory_format=memory_format), 1.0,
@@ -111,12 +111,7 @@ def time_steps(task, batches, amp, args, device):
 
     def step():
         images, targets, indices = next(batches)
-        with autocast(device, amp):
-            _, terms = task(images, targets, indices)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(task, optimizer, images, targets, indices, amp)
         return len(targets)
 
     for _ in range(args.warmup):
@@ -161,7 +156,7 @@ def main():
         task = build_task(row, device, torch.contiguous_format, labels)
         slow = time_steps(task, conventional_batches(images, labels, batch, args.workers, device), False, args, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        task = build_task(row, device, fmt, labels, compile_steps)
+        task = build_task(row, device, fmt, labels, compile_steps, amp)
         fast = time_steps(task, device_batches(images, labels, batch, device, channels_last), amp, args, device)
         print(f"{row:<16}{batch:>6} | {slow:>10.0f}{EPOCH_IMAGES / slow:>9.1f} | {fast:>10.0f}"
               f"{EPOCH_IMAGES / fast:>9.1f} | {fast / slow:>5.1f}x", flush=True)

@@ -6,7 +6,7 @@
   checkpoint.py  last.pt / best.pt, safe loading, resume, and the stage result of FT, AB and FSP
   processes.py   device and rank, torchrun and DDP, reductions, replica checks, signals
 """
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_weights, run_stage, save_atomic, unwrap  # noqa: F401
-from .loop import autocast, build_optimizer, evaluate, fit, train_one_epoch  # noqa: F401
+from .checkpoint import run_stage  # noqa: F401
+from .loop import build_optimizer, evaluate, fit, train_one_epoch, train_step  # noqa: F401
 from .processes import setup_device  # noqa: F401
 from .tasks import Distiller, Supervised, Teacher  # noqa: F401

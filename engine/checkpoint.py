@@ -9,6 +9,7 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from utils import UserError, barrier, is_main, log, write_atomic
@@ -62,20 +63,28 @@ def load_weights(module, state_dict, what):
     module.load_state_dict(state_dict)
 
 
-def rng_state(loader):
-    state = {"torch": torch.get_rng_state(), "data": loader.generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def generator_states(loader):
+    """What a resume needs of the random generators: the data generator's (the same on every
+    process) and, per process, the global CPU generator's and, on CUDA, the training device's.
+    Under torchrun every process takes part (the states are gathered to all)."""
+    device = loader.labels.device
+    own = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    states = {**own, "data": loader.generator.get_state()}
+    if dist.is_initialized():
+        states["processes"] = [None] * dist.get_world_size()
+        dist.all_gather_object(states["processes"], own)
+    return states
 
 
-def epoch_checkpoint(task, optimizer, scheduler, loader, info, fields):
+def epoch_checkpoint(task, optimizer, scheduler, generators, info, fields):
     """last.pt's contents after an epoch: info (architecture, config, ...), fields (epoch, accuracy,
     history, ...), the student's weights, the method's state and everything a resume needs."""
     task = unwrap(task)
     return {"format": CHECKPOINT_FORMAT, **info, **fields, "model": task.student.state_dict(),
             "method": {k: v for k, v in task.state_dict().items() if not k.startswith("student.")},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(loader)}
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": generators}
 
 
 def save_epoch(checkpoint, output_dir, improved):
@@ -92,12 +101,33 @@ def restore(task, optimizer, scheduler, loader, ckpt, path):
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        loader.generator.set_state(ckpt["rng"]["data"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restore_generators(ckpt["rng"], loader)
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"The checkpoint {path} cannot be resumed ({type(e).__name__}: {e}).") from None
+
+
+def restore_generators(states, loader):
+    """The inverse of generator_states. A run saved on another kind of device (CPU <-> CUDA), whose
+    data generator state cannot go into this one's, continues from a data seed derived from it:
+    still fixed by the checkpoint, but not the batches an uninterrupted run would have seen."""
+    device = loader.labels.device
+    own = states
+    if dist.is_initialized() and len(states.get("processes") or ()) == dist.get_world_size():
+        own = states["processes"][dist.get_rank()]
+    torch.set_rng_state(own["torch"])
+    data = states["data"]
+    if data.numel() == loader.generator.get_state().numel():
+        loader.generator.set_state(data)
+    else:
+        loader.generator.manual_seed(int.from_bytes(hashlib.sha256(data.numpy().tobytes()).digest()[:8], "little"))
+        log("note: the run was saved on another kind of device, whose data generator cannot continue here; "
+            "the batches from now on are drawn from a seed derived from it, so they differ from an "
+            "uninterrupted run's")
+    saved = own.get("cuda")
+    if device.type == "cuda" and isinstance(saved, list):  # checkpoints before: every visible GPU's
+        saved = saved[device.index] if device.index < len(saved) else None
+    if device.type == "cuda" and saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def run_stage(task, loader, key, output_dir, cache_dir=None):

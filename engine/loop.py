@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from utils import UserError, append_csv_row, is_main, log, progress_bar, write_csv
 
-from .checkpoint import epoch_checkpoint, restore, save_epoch
+from .checkpoint import epoch_checkpoint, generator_states, restore, save_epoch
 from .processes import (Interrupted, StopOnSignal, check_replicas, exit_on_signal, over_processes, share_buffers,
                         wrap_for_processes)
 
@@ -35,6 +35,17 @@ def build_optimizer(task, cfg):
     return optimizer, scheduler
 
 
+def train_step(task, optimizer, images, targets, indices, amp=False):
+    """One optimisation step on one batch: (logits, loss, terms), all still on the device."""
+    with autocast(images.device, amp):
+        logits, terms = task(images, targets, indices)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss, terms
+
+
 def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False):
     """One pass over the loader. Sums stay on the device and are read once, at the end; the first
     non-finite loss is recorded on the device too and looked at every step on the CPU, every
@@ -47,12 +58,7 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
     check_every = 1 if device.type == "cpu" else CHECK_EVERY
     bar = progress_bar(loader, desc) if is_main() else loader
     for step, (images, targets, indices) in enumerate(bar, start=1):
-        with autocast(images.device, amp):
-            logits, terms = task(images, targets, indices)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, loss, terms = train_step(task, optimizer, images, targets, indices, amp)
         n = len(targets)
         for name, value in (("loss", loss), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach() * n
@@ -81,15 +87,15 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
 def evaluate(model, loader, amp=False):
     """Mean cross-entropy, top-1 and top-5 (%) over the whole loader."""
     model.eval()
-    device = loader.labels.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    totals, seen = torch.zeros(3, dtype=torch.float64, device=loader.labels.device), 0  # loss sum, top-1, top-5 hits
     for images, targets in loader:
         with autocast(images.device, amp):
             logits = model(images).float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum"), hits[:, 0].sum(),
-                               hits.any(1).sum(), torch.tensor(len(targets), device=device)]).double()
-    loss_sum, top1, top5, seen = over_processes(totals).tolist()
+                               hits.any(1).sum()]).double()
+        seen += len(targets)  # counted on the host: a tensor made per batch would be a copy per batch
+    loss_sum, top1, top5, seen = over_processes(torch.cat([totals, totals.new_tensor([seen])])).tolist()
     return {"loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
@@ -136,11 +142,12 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
             if improved:
                 best = {"top1": (val or test)["top1"], "epoch": epoch}
             log(epoch_line(row, cfg.epochs) + (" *" if improved else ""))
+            generators = generator_states(train_loader)  # every process's: a collective under torchrun
             if is_main():
                 fields = {"epoch": epoch, "test_top1": test["top1"], "test_top5": test["top5"],
                           "val_top1": None if val is None else val["top1"], "best_top1": best["top1"],
                           "best_epoch": best["epoch"], "selected_on": selected_on, "history": history}
-                save_epoch(epoch_checkpoint(task, optimizer, scheduler, train_loader, checkpoint_info, fields),
+                save_epoch(epoch_checkpoint(task, optimizer, scheduler, generators, checkpoint_info, fields),
                            cfg.output_dir, improved)
                 append_csv_row(row, metrics_path)
     if test is None:

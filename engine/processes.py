@@ -1,5 +1,6 @@
 """Processes: the device and rank, torchrun's process group and DDP, reductions over processes,
 the end-of-run replica check, and stopping cleanly on a signal."""
+import datetime
 import inspect
 import os
 import shlex
@@ -11,13 +12,22 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import log
+from utils import UserError, log
+
+# how long a process waits for the others at a collective: rank 0 may run a method's stage (up to
+# 50 epochs) while the others wait at a barrier, far past NCCL's default of 10 minutes
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=6)
 
 
-def setup_device(name):
+def setup_device(name, deterministic=False):
     """(device, rank, world_size) for --device `name` ('auto', 'cpu' or 'cuda', already checked by
     config). Started by torchrun (WORLD_SIZE > 1), it joins the process group (NCCL on CUDA, gloo
-    on the CPU) and takes the GPU of its LOCAL_RANK."""
+    on the CPU) and takes the GPU of its LOCAL_RANK. deterministic: PyTorch's deterministic
+    algorithms (bit-exact resume on CUDA too); otherwise cuDNN picks its fastest algorithms."""
+    if deterministic:  # cuBLAS needs this before its first call to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -25,10 +35,16 @@ def setup_device(name):
     if world_size == 1:
         return device, 0, 1
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"torchrun started more processes on this node than it has GPUs ({gpus}); use "
+                            f"--nproc_per_node {gpus} or fewer.")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        bind = {"device_id": device} if device.type == "cuda" and "device_id" in inspect.signature(
+            dist.init_process_group).parameters else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **bind)
     return device, dist.get_rank(), world_size
 
 

@@ -18,9 +18,11 @@ from utils import log
 from .checkpoint import load_checkpoint, load_weights
 
 
-def compile_mode(device):
-    # CUDA graphs remove the launch overhead that dominates these small nets on a GPU
-    return "reduce-overhead" if device.type == "cuda" else "default"
+def compiled(function, device):
+    """torch.compile with CUDA graphs on CUDA (they remove the launch overhead that dominates these
+    small nets on a GPU) and static shapes: a partial last batch gets a graph of its own, and the
+    full batches keep theirs rather than switching to a slower dynamic-shape one."""
+    return torch.compile(function, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
 
 
 class Supervised(nn.Module):
@@ -42,7 +44,7 @@ class Supervised(nn.Module):
 
     def compile_steps(self, device):
         """torch.compile the training step's forward (and so its backward)."""
-        self.student_loss = torch.compile(self.student_loss, mode=compile_mode(device))
+        self.student_loss = compiled(self.student_loss, device)
 
 
 class Teacher:
@@ -55,30 +57,31 @@ class Teacher:
         rounding; its forward measured 1.09x faster in fp32, 1.44x in bf16 channels_last on a CPU),
         in the training memory format: for methods that run the teacher with autograd (input
         gradients, an attack) by calling the Teacher.
-    outputs(images, names): its logits and the named features, under inference mode (compiled
-        with compile=True): what a method's loss reads.
+    outputs(images, names): its logits and the named features, under inference mode, in bf16 with
+        amp (in training and in a stage alike, so a compiled forward is compiled once): what a
+        method's loss reads.
     """
 
-    def __init__(self, network, memory_format=torch.contiguous_format, compile=False):
+    def __init__(self, network, memory_format=torch.contiguous_format, compile=False, amp=False):
         self.network = network.eval().requires_grad_(False)
         self.arch, self.num_classes, self.shortcut = network.arch, network.num_classes, network.shortcut
         self.folded = fold_batchnorm(copy.deepcopy(self.network)).to(memory_format=memory_format)
-        device = next(network.parameters()).device
-        self.inference_forward = torch.compile(self.folded, mode=compile_mode(device)) if compile else self.folded
+        self.device, self.amp = next(network.parameters()).device, amp
+        self.inference_forward = compiled(self.folded, self.device) if compile else self.folded
 
     @classmethod
-    def load(cls, path, device, memory_format=torch.contiguous_format, compile=False):
+    def load(cls, path, device, memory_format=torch.contiguous_format, compile=False, amp=False):
         """The teacher in a train_base.py checkpoint (config.resolve has checked its data set)."""
         ckpt = load_checkpoint(path)
         network = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection"))
         load_weights(network, ckpt["model"], f"The teacher checkpoint {path}")
-        return cls(network.to(device), memory_format, compile)
+        return cls(network.to(device), memory_format, compile, amp)
 
     def __call__(self, images, features=False):
         return self.folded(images, features=features)
 
     def outputs(self, images, names=()):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits, feats = self.inference_forward(images, features=True)
         # inference tensors cannot be saved for backward, so the few a method reads are cloned
         return {"logits": logits.clone(), **{k: feats[k].clone() for k in names}}
@@ -99,8 +102,9 @@ class Distiller(nn.Module):
     def compile_steps(self, device):
         """torch.compile the student's step (forward, loss and so backward), unless the method's
         step cannot be compiled (it says so); the teacher compiles its own forward (Teacher)."""
+        self.baseline_loss = compiled(self.baseline_loss, device)
         if self.method.compilable:
-            self.student_loss = torch.compile(self.student_loss, mode=compile_mode(device))
+            self.student_loss = compiled(self.student_loss, device)
         else:
             log(f"--compile: the {self.method.name} step stays eager (it cannot be compiled); "
                 f"the teacher's forward is compiled")
@@ -110,10 +114,13 @@ class Distiller(nn.Module):
 
     def forward(self, images, targets, indices):
         if self.kd_weight == 0:
-            logits = self.student(images)
-            return logits, {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
+            return self.baseline_loss(images, targets)
         teacher_out = self.teacher.outputs(images, self.method.features) if self.method.reads_teacher else {}
         return self.student_loss(images, targets, indices, teacher_out)
+
+    def baseline_loss(self, images, targets):
+        logits = self.student(images)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
 
     def student_loss(self, images, targets, indices, teacher_out):
         logits, kd = self.method.step(self.student, images, targets, indices, teacher_out)

@@ -45,6 +45,7 @@ class KDMethod(nn.Module):
     has_stage = False          # True for a method that trains something alone before the student
     reads_teacher = True       # False: the teacher's outputs are not computed (DML reads a peer instead)
     compilable = True          # False: --compile leaves the step eager (double backward, data-dependent loops)
+    double_backward = False    # True: the step differentiates through a gradient (not with --sync-bn)
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
 
     def __init__(self, student_shapes, teacher_shapes, **hparams):

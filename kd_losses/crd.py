@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KDMethod, register
+from .base import KDMethod, as_float, register
 
 
 def memory_scores(anchors, memory, indices):
@@ -73,7 +73,9 @@ class ContrastiveRepresentationDistillation(KDMethod):
 
     def step(self, student, images, targets, indices, teacher_out):
         logits, feats = student(images, features=True)
-        return logits, self({"logits": logits, "pool": feats["pool"]}, teacher_out, targets, indices)
+        with torch.autocast(images.device.type, enabled=False):  # embeddings and loss in fp32, as every loss
+            loss = self(as_float({"pool": feats["pool"]}), as_float(teacher_out), targets, indices)
+        return logits, loss
 
     def forward(self, student, teacher, targets, indices):
         """indices: N x (1 + K) positions in the training set, column 0 each sample's own."""

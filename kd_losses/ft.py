@@ -54,9 +54,9 @@ class FactorTransfer(KDMethod):
 
         def reconstruction_error(images):
             target = teacher.outputs(images, ("stage3",))["stage3"].float()
-            return F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)), target)
+            return F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)).float(), target)
         train_stage("ft", list(self.paraphraser.parameters()), reconstruction_error, batches, self.epochs, self.lr,
-                    lr_steps=False, nesterov=False, what="paraphraser reconstruction mse")
+                    teacher.amp, lr_steps=False, nesterov=False, what="paraphraser reconstruction mse")
         self.paraphraser.requires_grad_(False)
         self.paraphraser.eval()
 

@@ -38,6 +38,7 @@ class LwM(KDMethod):
                   "per-sample sum")
     default_weight = 0.4
     compilable = False  # double backward
+    double_backward = True
     reads_teacher = False  # it runs the teacher itself, with autograd
 
     def __init__(self, student_shapes, teacher_shapes):

@@ -6,11 +6,13 @@ from .base import KDMethod, register
 
 def normalized_distances(x):
     """Pairwise Euclidean distances divided by the mean of the off-diagonal ones."""
-    off_diagonal = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+    n = len(x)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
     squared = (x.unsqueeze(0) - x.unsqueeze(1)).pow(2).sum(2)
-    # clamp keeps sqrt's gradient finite; the diagonal (zero distance) is then masked to exactly 0
+    # clamp keeps sqrt's gradient finite; the diagonal (zero distance) is then masked to exactly 0,
+    # so the off-diagonal mean is the plain sum over n (n - 1) (no boolean indexing: no host sync)
     d = squared.clamp(min=1e-12).sqrt() * off_diagonal
-    return d / d[off_diagonal].mean()
+    return d / (d.sum() / (n * (n - 1)))
 
 
 def angles(x):

@@ -27,6 +27,7 @@ class Sobolev(KDMethod):
     deviations = "normalised gradients as in Jacobian matching (Srinivas & Fleuret 2018), as the seed zoo"
     default_weight = 20.0
     compilable = False  # double backward
+    double_backward = True
     reads_teacher = False  # it runs the teacher itself, with autograd
 
     def step(self, student, images, targets, indices, teacher_out):

@@ -5,6 +5,8 @@ import torch
 
 from utils import log, progress_bar
 
+from .base import as_float
+
 
 def stage_lr(lr, epoch, epochs):
     """lr, then lr / 10 after 60 % of the epochs and lr / 100 after 80 %: the seed zoo's 30, 10 and
@@ -12,17 +14,20 @@ def stage_lr(lr, epoch, epochs):
     return lr * 0.1 ** ((epoch > 0.6 * epochs) + (epoch > 0.8 * epochs))
 
 
-def train_stage(name, parameters, batch_loss, batches, epochs, lr, lr_steps=True, nesterov=True, what="loss"):
+def train_stage(name, parameters, batch_loss, batches, epochs, lr, amp=False, lr_steps=True, nesterov=True,
+                what="loss"):
     """Minimises batch_loss(images) over `epochs` passes of `batches` ((images, targets, indices)
     training batches) with SGD: momentum 0.9, weight decay 1e-4, the LR constant or, with
-    lr_steps, stepped by stage_lr. Prints the epoch's mean loss, named `what`, now and then."""
+    lr_steps, stepped by stage_lr; under bf16 autocast with amp, as training (batch_loss returns
+    its loss in fp32). Prints the epoch's mean loss, named `what`, now and then."""
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
     for epoch in range(1, epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = stage_lr(lr, epoch, epochs) if lr_steps else lr
         total, seen = 0.0, 0
         for images, _, _ in progress_bar(batches, f"{name} stage {epoch}/{epochs}"):
-            loss = batch_loss(images)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = batch_loss(images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -41,6 +46,9 @@ def train_student_alone(method, student, teacher, batches, epochs, lr, loss_weig
     def batch_loss(images):
         logits, feats = student(images, features=True)
         outputs = {"logits": logits, **{k: feats[k] for k in method.features}}
-        return loss_weight * method(outputs, teacher.outputs(images, method.features), None)
+        teacher_out = teacher.outputs(images, method.features)
+        with torch.autocast(images.device.type, enabled=False):  # the loss in fp32, as in training
+            return loss_weight * method(as_float(outputs), as_float(teacher_out), None)
     parameters = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
-    train_stage(method.name, parameters, batch_loss, batches, epochs, lr, what=f"weighted {method.name} loss")
+    train_stage(method.name, parameters, batch_loss, batches, epochs, lr, teacher.amp,
+                what=f"weighted {method.name} loss")

@@ -15,7 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from utils import run_main  # noqa: E402
 
-DEVICE = "cpu"
+# the device the scripts run on in the tests: KDZOO_TEST_DEVICE=cuda python -m pytest -q tests runs the
+# suite on a GPU (a run that names no --device gets this one)
+DEVICE = os.environ.get("KDZOO_TEST_DEVICE", "cpu")
+SCRIPTS_WITH_DEVICE = ("train_base.py", "train_kd.py")
 
 
 def _write_batch(path, images, labels, label_key):
@@ -85,6 +88,8 @@ def run_script(script, *args, check=True, subprocess_=False):
     same code path, without the start-up cost of a new interpreter); subprocess_=True starts a real
     one, for what only a process shows."""
     argv = [str(a) for a in args]
+    if script in SCRIPTS_WITH_DEVICE and "--device" not in argv:
+        argv += ["--device", DEVICE]
     if subprocess_:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
                               env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)

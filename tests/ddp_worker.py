@@ -9,6 +9,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DATASETS, DeviceLoader  # noqa: E402
 from engine import Supervised, evaluate  # noqa: E402
+from engine.checkpoint import generator_states, restore_generators  # noqa: E402
 from models import build_model  # noqa: E402
 from engine import setup_device  # noqa: E402
 
@@ -44,10 +45,33 @@ def evaluation(rank, world_size):
     return evaluate(model, loader)
 
 
+def generators(rank, world_size):
+    """Each process's generators after it drew a different amount; as only rank 0 writes last.pt,
+    every process restores from rank 0's copy of the states. Returns whether every process then
+    draws what it would have drawn uninterrupted, and what each drew."""
+    spec = DATASETS["cifar10"]
+    images, labels = synthetic(64, 2)
+    loader = DeviceLoader(images, labels, 16, spec.mean, spec.std, train=True, seed=3, rank=rank,
+                          world_size=world_size)
+    torch.manual_seed(0)
+    torch.rand(rank + 1)  # the processes' global generators now differ
+    states = generator_states(loader)
+    expected = torch.rand(4)
+    shared = [states]
+    dist.broadcast_object_list(shared, src=0)  # the states as last.pt holds them: rank 0's copy
+    torch.manual_seed(123)
+    restore_generators(shared[0], loader)
+    same = torch.tensor(int(torch.equal(torch.rand(4), expected)))
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    drawn = [torch.empty_like(expected) for _ in range(world_size)]
+    dist.all_gather(drawn, expected)
+    return {"same_on_every_process": bool(same), "drawn": torch.stack(drawn), "saved": len(states["processes"])}
+
+
 if __name__ == "__main__":
     what, out = sys.argv[1], sys.argv[2]
     _, rank, world_size = setup_device("cpu")
-    result = {"first_step": first_step, "evaluation": evaluation}[what](rank, world_size)
+    result = {"first_step": first_step, "evaluation": evaluation, "generators": generators}[what](rank, world_size)
     if what == "first_step" and world_size > 1:  # the processes' batches, to check they form the global one
         gathered = [torch.empty_like(result["labels"]) for _ in range(world_size)]
         dist.all_gather(gathered, result["labels"])

@@ -22,13 +22,14 @@ def torchrun(*args, nproc=2):
 
 def test_both_scripts_run_under_torchrun(cifar10_root, tmp_path):
     teacher = tmp_path / "teacher"
-    proc = torchrun("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
-                    "--epochs", 1, "--batch-size", 40)
+    # gloo on the CPU, on any machine (NCCL on GPUs: tests/test_cuda.py)
+    proc = torchrun("train_base.py", "--device", "cpu", "--data-root", cifar10_root, "--output-dir", teacher,
+                    "--model", "resnet8", "--epochs", 1, "--batch-size", 40)
     assert "identical on all 2 processes" in proc.stdout and proc.stdout.count("epoch   1/1") == 1
     for method in ("st", "ft"):
         out = tmp_path / method
-        proc = torchrun("train_kd.py", "--teacher", teacher / "last.pt", "--method", method, "--student",
-                        "resnet8", "--data-root", cifar10_root, "--output-dir", out, "--epochs", 1,
+        proc = torchrun("train_kd.py", "--device", "cpu", "--teacher", teacher / "last.pt", "--method", method,
+                        "--student", "resnet8", "--data-root", cifar10_root, "--output-dir", out, "--epochs", 1,
                         "--batch-size", 40, *(("--ft-epochs", 1) if method == "ft" else ()))
         assert "identical on all 2 processes" in proc.stdout
         ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -64,3 +65,11 @@ def test_evaluation_over_uneven_shards_is_exact(tmp_path):
     two = worker("evaluation", tmp_path / "two.pt", 2)
     assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_every_process_resumes_its_own_random_generators(tmp_path):
+    """Only rank 0 writes last.pt, so it holds every process's generator states, gathered; each
+    process then restores its own (BSS's attack draws differ per process)."""
+    result = worker("generators", tmp_path / "two.pt", 2)
+    assert result["saved"] == 2 and result["same_on_every_process"]
+    assert not torch.equal(result["drawn"][0], result["drawn"][1])

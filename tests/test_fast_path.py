@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import config
-from conftest import run_script
+from conftest import DEVICE, run_script
 from utils import UserError
 
 
@@ -14,7 +14,7 @@ def one_kd_epoch(teacher, cifar10_root, out, *speed):
     # 200 images in batches of 40: no partial batch, so --compile compiles each graph once
     run_script("train_kd.py", "--teacher", teacher, "--method", "at", "--student", "resnet8", "--data-root",
                cifar10_root, "--output-dir", out, "--epochs", 1, "--batch-size", 40, "--lr", 0.02,
-               "--device", "cpu", *speed)
+               "--device", DEVICE, *speed)
     with open(os.path.join(out, "metrics.csv")) as f:
         (row,) = csv.DictReader(f)
     weights = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]

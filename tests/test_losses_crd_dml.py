@@ -264,3 +264,20 @@ def test_dml_one_optimizer_step_changes_student_and_peer():
     for net, before in ((student, before_s), (method.peer, before_p)):
         assert not torch.equal(net.fc.weight, before["fc.weight"])
         assert not torch.equal(net.conv1.weight, before["conv1.weight"])
+
+
+def test_crd_step_computes_embeddings_and_loss_in_fp32_under_autocast():
+    """Under bf16 autocast the networks' outputs are bf16; CRD's step still runs its embedding heads,
+    scores and memory update in fp32: the same as the fp32 forward on those outputs."""
+    student, teacher, indices = crd_batch(3)
+    student_bf16, teacher_bf16 = student["pool"].bfloat16(), {"pool": teacher["pool"].bfloat16()}
+
+    def network(images, features=False):
+        return torch.zeros(BATCH, 10, dtype=torch.bfloat16), {"pool": student_bf16}
+    plain, mixed = crd(), crd()
+    expected = plain({"pool": student_bf16.float()}, {"pool": teacher_bf16["pool"].float()}, None, indices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = mixed.step(network, torch.zeros(BATCH, 3, 32, 32), None, indices, teacher_bf16)
+    assert loss.dtype == torch.float32 and close(loss, expected.item())
+    assert torch.equal(mixed.student_memory, plain.student_memory)
+    assert torch.equal(mixed.teacher_memory, plain.teacher_memory)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
+from conftest import DEVICE, OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
 from engine import checkpoint
 from models import build_model
 from utils import UserError
@@ -39,7 +39,9 @@ def bigger_cifar10(tmp_path_factory):
     return make_cifar10(str(tmp_path_factory.mktemp("cifar10-1k")), per_batch=200)
 
 
-BASE = ("--model", "resnet8", "--batch-size", 50, "--epochs", 5, "--lr-milestones", 3, "--device", "cpu")
+# bit-exact resume on CUDA needs deterministic algorithms (cuDNN's fastest ones are not); on the CPU it is exact as is
+EXACT = ("--deterministic",) if DEVICE == "cuda" else ()
+BASE = ("--model", "resnet8", "--batch-size", 50, "--epochs", 5, "--lr-milestones", 3, "--device", DEVICE, *EXACT)
 
 
 @pytest.mark.slow
@@ -74,7 +76,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_pa
 @pytest.mark.parametrize("method", ["st", "ft", "crd", "bss"])
 def test_kd_resume_equals_the_uninterrupted_run(method, teacher, cifar10_root, tmp_path):
     common = ("--teacher", teacher, "--method", method, "--data-root", cifar10_root,
-              "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", "cpu",
+              "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", DEVICE, *EXACT,
               *{"ft": ("--ft-epochs", 2), "crd": ("--crd-negatives", 16),
                 "bss": ("--bss-steps", 2, "--bss-attack-size", 8)}.get(method, ()))
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -111,7 +113,7 @@ def test_resume_refuses_what_would_change_the_run(cifar10_root, tmp_path):
 def test_a_checkpoint_from_before_a_setting_existed_resumes(teacher, cifar10_root, tmp_path):
     out = tmp_path / "run"
     common = ("--teacher", teacher, "--method", "st", "--data-root", cifar10_root, "--student", "resnet8",
-              "--batch-size", 40, "--device", "cpu", "--output-dir", out)
+              "--batch-size", 40, "--device", DEVICE, "--output-dir", out)
     run_script("train_kd.py", *common, "--epochs", 1)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     del ckpt["config"]["stage_cache"]  # as written before --stage-cache existed

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import report
-from conftest import ROOT, run_script
+from conftest import DEVICE, ROOT, run_script
 
 
 def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110"):
@@ -101,7 +101,7 @@ def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     root = tmp_path / "sweep"
     args = ("sweep.py", "--data-root", cifar10_root, "--teacher", "resnet8", "--student", "resnet8", "--methods",
             "st", "at", "--seeds", 0, 1, "--output-root", root, "--gpus", "--", "--epochs", 1,
-            "--batch-size", 40, "--device", "cpu")
+            "--batch-size", 40, "--device", DEVICE)
     first = run_script(*args)
     names = sorted(os.listdir(root))
     assert names == sorted(["teacher-resnet8-seed0", "baseline-resnet8-seed0", "baseline-resnet8-seed1",

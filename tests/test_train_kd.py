@@ -4,13 +4,13 @@ import os
 import pytest
 import torch
 
-from conftest import assert_user_error, run_script, train_teacher
+from conftest import DEVICE, assert_user_error, run_script, train_teacher
 from data import DATASETS, DeviceLoader
 from engine import Distiller, Teacher, build_optimizer, train_one_epoch
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight
 from models import build_model
 
-KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", "cpu")
+KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", DEVICE)
 
 
 def kd_args(method):
