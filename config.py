@@ -177,9 +177,6 @@ def resolve(args, script):
     values.update(typed)
     if script == "kd":
         refuse_other_methods_flags(values["method"], typed)
-        if values["sync_bn"] and METHODS[values["method"]].double_backward:
-            raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
-                            f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
         values.update(teacher_fields(values["teacher"], typed.get("dataset")))
     values = {key: value for key, value in values.items() if not is_method_flag(key)}
     if values["output_dir"] is None:
@@ -192,7 +189,10 @@ def resolve(args, script):
     else:
         values.update(recipe_values(values["dataset"], typed))
     if script == "kd":
-        values.update(method_values(values, typed, resume is not None))
+        values.update(method_values(values, typed))
+        if values["sync_bn"] and METHODS[values["method"]].double_backward:
+            raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
+                            f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
         values["teacher_sha256"] = file_sha256(values["teacher"])
         if resume and values["teacher_sha256"] != resume[0]["config"]["teacher_sha256"]:
             raise UserError(f"{values['teacher']} is not the teacher of the run in {resume[1]} "
@@ -239,12 +239,12 @@ def refuse_other_methods_flags(method, typed):
                 raise UserError(f"--{key.replace('_', '-')} belongs to --method {name}, not to --method {method}.")
 
 
-def method_values(values, typed, resuming):
-    """The chosen method's hyper-parameters and KD weight."""
+def method_values(values, typed):
+    """The chosen method's hyper-parameters and KD weight where values (a resumed run's) lack them:
+    typed, else the method's defaults."""
     method = values["method"]
-    if resuming:  # the run's own values, already adopted (a typed one that differs was refused)
-        return {}
-    chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()}
+    chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()
+              if key not in values}
     if values["kd_weight"] is None:
         chosen["kd_weight"] = default_weight(method, values["dataset"])
     return chosen
@@ -313,6 +313,9 @@ def adopt_saved(values, typed, ckpt, path):
             if key in saved and typed[key] != saved[key]:
                 log(f"note: resuming with --{key.replace('_', '-')} {typed[key]} (the run had {saved[key]})")
             adopted[key] = typed[key]
+    if "device" in typed and typed["device"] != saved.get("device"):
+        for key in ("amp", "channels_last"):  # the new device's defaults, unless given
+            adopted[key] = typed.get(key)
     adopted["resume"] = values["resume"]
     adopted["output_dir"] = typed.get("output_dir", os.path.dirname(os.path.abspath(path)))
     for key, value in values.items():  # settings added since that checkpoint was written

@@ -61,7 +61,7 @@ paraphraser, AB and FSP the student itself. The stage runs inside `train_kd.py` 
 training loader (so the student then sees the batches it would see without a stage). Its result
 (the whole task: student and method) is saved as `stage.pt` in the run folder; by default nothing
 is written outside the run folder. With `--stage-cache DIR` (opt-in), results are also kept in DIR,
-keyed by teacher, student, seed, data and the method's settings, and a later run with the same key
+keyed by teacher, student, seed, data, precision and the method's settings, and a later run with the same key
 loads the result instead of training the stage again.
 
 **Cost.** `sobolev` and `lwm` take a double backward, `bss` ten teacher forward/backward passes

@@ -42,6 +42,10 @@ def train_student_alone(method, student, teacher, batches, epochs, lr, loss_weig
     (its stage reuses the training optimizer: Nesterov, weight decay 1e-4)."""
     student.train()
     method.train()
+    # the stage trains the connectors even where training proper will not (a KD weight of 0 froze them)
+    frozen = [p for p in method.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
 
     def batch_loss(images):
         logits, feats = student(images, features=True)
@@ -52,3 +56,5 @@ def train_student_alone(method, student, teacher, batches, epochs, lr, loss_weig
     parameters = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     train_stage(method.name, parameters, batch_loss, batches, epochs, lr, teacher.amp,
                 what=f"weighted {method.name} loss")
+    for p in frozen:
+        p.requires_grad_(False)

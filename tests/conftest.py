@@ -19,6 +19,11 @@ from utils import run_main  # noqa: E402
 # suite on a GPU (a run that names no --device gets this one)
 DEVICE = os.environ.get("KDZOO_TEST_DEVICE", "cpu")
 SCRIPTS_WITH_DEVICE = ("train_base.py", "train_kd.py")
+# runs that must be bit for bit equal: on CUDA that needs deterministic algorithms (cuDNN's fastest
+# are not), on the CPU it holds as is
+EXACT = ("--deterministic",) if DEVICE == "cuda" else ()
+# older PyTorch reads this once, at the first cuBLAS call, which an earlier in-process run may make
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def _write_batch(path, images, labels, label_key):

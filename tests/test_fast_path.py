@@ -31,6 +31,8 @@ def assert_close_run(a, b, loss_rtol, weight_rtol):
     assert (flat_a - flat_b).norm() / flat_a.norm() < weight_rtol
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA --compile means bf16 and TF32: tests/test_cuda.py compares "
+                                            "it with its own tolerance")
 def test_compiled_and_bf16_kd_epochs_match_fp32_eager(teacher, cifar10_root, tmp_path):
     eager = one_kd_epoch(teacher, cifar10_root, tmp_path / "eager", "--amp", "off", "--no-channels-last")
     compiled = one_kd_epoch(teacher, cifar10_root, tmp_path / "compiled", "--compile")

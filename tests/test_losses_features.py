@@ -409,3 +409,24 @@ def test_stage_trains_the_student_alone(cls, hparams, capsys):
     assert f"{cls.name} stage epoch 1/1" in printed
     loss = float(printed.strip().split()[-1])
     assert math.isfinite(loss) and loss > 0
+
+
+def test_ab_stage_trains_its_connectors_though_training_proper_will_not():
+    """AB's KD weight is 0 after its stage, so the Distiller freezes the method; the stage still
+    trains the connectors (a resnet8 student under a wider wrn_16_2 teacher has real ones), and
+    they stay frozen afterwards."""
+    from engine import Distiller
+    from kd_losses import build_method, default_hyperparameters
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet8", 10), Teacher(build_model("wrn_16_2", 10))
+    hparams = {**default_hyperparameters("ab"), "ab_epochs": 1}
+    method = build_method("ab", hparams, student, teacher, torch.arange(8) % 10)
+    Distiller(student, teacher, method, 1.0, 0.0)
+    connectors = [p for p in method.parameters()]
+    assert connectors and not any(p.requires_grad for p in connectors)
+    before = [p.detach().clone() for p in connectors]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.arange(4), torch.arange(4)) for _ in range(2)]
+    method.train_stage(student, teacher, batches)
+    assert all(not torch.equal(a, b) for a, b in zip(before, connectors) if a.dim() > 1)
+    assert not any(p.requires_grad for p in connectors)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import DEVICE, OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
+from conftest import DEVICE, EXACT, OFFLINE, ROOT, assert_user_error, make_cifar10, run_script
 from engine import checkpoint
 from models import build_model
 from utils import UserError
@@ -39,8 +39,6 @@ def bigger_cifar10(tmp_path_factory):
     return make_cifar10(str(tmp_path_factory.mktemp("cifar10-1k")), per_batch=200)
 
 
-# bit-exact resume on CUDA needs deterministic algorithms (cuDNN's fastest ones are not); on the CPU it is exact as is
-EXACT = ("--deterministic",) if DEVICE == "cuda" else ()
 BASE = ("--model", "resnet8", "--batch-size", 50, "--epochs", 5, "--lr-milestones", 3, "--device", DEVICE, *EXACT)
 
 
@@ -125,6 +123,22 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(teacher, cifar10_roo
     assert_user_error(proc, "--T 2.0 differs from 4.0")
     proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--ft-k", 1, check=False)
     assert_user_error(proc, "--ft-k belongs to --method ft")
+
+
+def test_resuming_on_another_device_takes_its_speed_defaults_and_missing_settings(teacher, cifar10_root, tmp_path):
+    """A run saved on CUDA (bf16, channels_last) resumed on the CPU takes the CPU's defaults; a
+    method setting the saved config lacks (added since) takes the method's default."""
+    out = tmp_path / "run"
+    common = ("--teacher", teacher, "--method", "st", "--data-root", cifar10_root, "--student", "resnet8",
+              "--batch-size", 40, "--output-dir", out)
+    run_script("train_kd.py", *common, "--epochs", 1, "--device", "cpu")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["config"].update(device="cuda", amp="bf16", channels_last=True)
+    del ckpt["config"]["T"]
+    torch.save(ckpt, out / "last.pt")
+    run_script("train_kd.py", *common, "--epochs", 2, "--device", "cpu", "--resume", "auto")
+    config = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert (config["device"], config["amp"], config["channels_last"], config["T"]) == ("cpu", "off", False, 4.0)
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

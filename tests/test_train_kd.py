@@ -4,13 +4,13 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, assert_user_error, run_script, train_teacher
+from conftest import DEVICE, EXACT, assert_user_error, run_script, train_teacher
 from data import DATASETS, DeviceLoader
 from engine import Distiller, Teacher, build_optimizer, train_one_epoch
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight
 from models import build_model
 
-KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", DEVICE)
+KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device", DEVICE, *EXACT)
 
 
 def kd_args(method):
@@ -91,10 +91,10 @@ def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_
     KD term switched off the two runs are the same run."""
     base, kd = str(tmp_path / "base"), str(tmp_path / "kd")
     run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", base, "--model", "resnet8",
-               "--epochs", 2, "--batch-size", 32, "--seed", 7)
+               "--epochs", 2, "--batch-size", 32, "--seed", 7, *EXACT)
     run_script("train_kd.py", "--teacher", teacher, "--method", "ft", "--kd-weight", 0, "--data-root",
                cifar10_root, "--output-dir", kd, "--student", "resnet8", "--epochs", 2, "--batch-size", 32,
-               "--seed", 7, "--ft-epochs", 1)
+               "--seed", 7, "--ft-epochs", 1, *EXACT)
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True)["model"] for d in (base, kd))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["test_top1"] for r in rows(base)] == [r["test_top1"] for r in rows(kd)]
