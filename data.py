@@ -117,11 +117,16 @@ def class_balanced_split(labels, size, seed, num_classes):
     return chosen[size:].sort().values, chosen[:size].sort().values
 
 
-def random_crop_flip(images, generator, padding=4):
-    """Per-image random crop of a zero-padded batch and horizontal flip with p = 0.5 (uint8 in, uint8 out)."""
+PADDINGS = ("zeros", "reflect")
+
+
+def random_crop_flip(images, generator, padding=4, mode="zeros"):
+    """Per-image random crop of a batch padded by `padding` pixels (mode 'zeros', or 'reflect': the
+    border mirrored without repeating the edge, as transforms.Pad(padding_mode='reflect')) and
+    horizontal flip with p = 0.5 (uint8 in, uint8 out)."""
     n, _, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding))
+    padded = F.pad(images, (padding, padding, padding, padding), mode="constant" if mode == "zeros" else "reflect")
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
     flips = torch.rand(n, generator=generator, device=device) < 0.5
     rows = offsets[:, :1] + torch.arange(h, device=device)
@@ -135,8 +140,9 @@ def random_crop_flip(images, generator, padding=4):
 class DeviceLoader:
     """Batches of a uint8 image tensor that lives on the training device.
 
-    Training loaders shuffle and augment every epoch with their own seeded generator (its state
-    is all a resumed run needs to replay the same batches); evaluation loaders do neither.
+    Training loaders shuffle and augment every epoch (random_crop_flip, with `padding` 'zeros' or
+    'reflect') with their own seeded generator (its state is all a resumed run needs to replay the
+    same batches); evaluation loaders do neither.
 
     Training batches are (images, labels, indices), indices being the samples' positions in the
     set; with `negatives` = K > 0, indices is N x (1 + K): column 0 the sample, then K samples of
@@ -151,8 +157,8 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False,
-                 rank=0, world_size=1):
-        self.images, self.labels = images, labels
+                 rank=0, world_size=1, padding="zeros"):
+        self.images, self.labels, self.padding = images, labels, padding
         self.negatives = 0  # other-class indices per sample: see add_negatives
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size = rank, world_size
@@ -200,7 +206,7 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             if len(index) < self.world_size:
                 break
-            batch, labels = random_crop_flip(self.images[index], self.generator), self.labels[index]
+            batch, labels = random_crop_flip(self.images[index], self.generator, mode=self.padding), self.labels[index]
             if self.negatives:
                 index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
@@ -236,7 +242,8 @@ def make_loaders(cfg, device, rank=0, world_size=1):
         train_x, train_y = train_x[keep], train_y[keep]
     common = dict(batch_size=cfg.batch_size, mean=spec.mean, std=spec.std, channels_last=cfg.channels_last,
                   rank=rank, world_size=world_size)
-    loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed, **common),
+    loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed,
+                                     padding=cfg.padding, **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
     if cfg.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)

@@ -57,7 +57,7 @@ def main(argv=None):
     log(f"method {cfg.method}: kd weight {cfg.kd_weight}, ce weight {cfg.ce_weight}, {hparams}")
     if method.has_stage and not resume:  # a resumed run gets the stage's result from last.pt
         key = {k: getattr(cfg, k) for k in ("method", "model", "shortcut", "seed", "dataset", "val_split",
-                                             "batch_size", "amp", "teacher_sha256", *hparams)}
+                                             "batch_size", "padding", "amp", "teacher_sha256", *hparams)}
         key.update(data_root=os.path.abspath(cfg.data_root), format=3)  # 3: stages at the training precision
         run_stage(task, loaders["train"], key, cfg.output_dir, cfg.stage_cache)
 

@@ -17,8 +17,12 @@ def test_values_come_from_the_flag_then_the_recipe_then_the_defaults(tmp_path):
     assert cfg.amp == "off" and cfg.channels_last is False  # resolved for the CPU
     assert cfg.output_dir == "runs/cifar100-resnet20-seed0"
     assert not any(key in vars(cfg) for key in config.KD_ONLY)
+    assert cfg.padding == "zeros"  # RepDistiller's
     cfg, _ = resolve("base", "--epochs", 20, "--device", "cpu")
     assert cfg.lr_milestones == [10, 15]  # the CIFAR-10 recipe's 100, 150 scaled to 20 epochs
+    assert cfg.padding == "reflect"  # the seed zoo's
+    cfg, _ = resolve("base", "--padding", "zeros", "--device", "cpu")
+    assert cfg.padding == "zeros"
 
 
 def test_the_config_is_frozen():

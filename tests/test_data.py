@@ -90,9 +90,10 @@ def offsets_and_flips(crops):
     return torch.stack([centre_row - 12, dx], 1), flipped
 
 
-def test_crop_offsets_and_flips_are_uniform_and_independent():
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_crop_offsets_and_flips_are_uniform_and_independent(mode):
     gen = torch.Generator().manual_seed(0)
-    crops = random_crop_flip(position_images(18_000), gen)
+    crops = random_crop_flip(position_images(18_000), gen, mode=mode)
     assert crops.shape == (18_000, 3, 32, 32) and crops.dtype == torch.uint8
     offsets, flips = offsets_and_flips(crops)
     assert offsets.min() == 0 and offsets.max() == 8
@@ -117,6 +118,35 @@ def test_padding_is_zero_in_pixel_space_and_images_differ_in_a_batch():
             inside = inside.flip(1)
         assert (crop[:, ~inside] == 0).all()      # padding: exactly zero in every channel
         assert (crop[2, inside] == 255).all()     # image: untouched
+
+
+def test_reflection_padding_mirrors_the_border_without_repeating_the_edge():
+    """Mode 'reflect' (the seed zoo's transforms.Pad(4, padding_mode='reflect')): padded row -k
+    shows image row k, padded row 31 + k shows row 31 - k; the crop offsets and flips keep their
+    meaning."""
+    gen = torch.Generator().manual_seed(1)
+    crops = random_crop_flip(position_images(64), gen, mode="reflect")
+    offsets, flips = offsets_and_flips(crops)
+    assert len({tuple(o) for o in offsets.tolist()}) > 20 and 0 < flips.sum() < 64
+
+    def reflect(i):
+        return torch.where(i < 0, -i, torch.where(i > 31, 62 - i, i))
+    positions = torch.arange(32)
+    for crop, (dy, dx), flip in zip(crops, offsets.tolist(), flips.tolist()):
+        rows, cols = reflect(positions + dy - 4) + 1, reflect(positions + dx - 4) + 1
+        if flip:
+            cols = cols.flip(0)
+        assert torch.equal(crop[0].long(), rows[:, None].expand(32, 32))
+        assert torch.equal(crop[1].long(), cols[None, :].expand(32, 32))
+        assert (crop[2] == 255).all()  # no zero anywhere: every pixel comes from the image
+
+
+def test_the_training_loader_pads_as_told():
+    images, labels = position_images(64), torch.arange(64) % 10
+    for padding, zeros_appear in (("zeros", True), ("reflect", False)):
+        loader = DeviceLoader(images, labels, 64, (0.0, 0.0, 0.0), (1 / 255,) * 3, train=True, padding=padding)
+        batch = next(iter(loader))[0]  # normalised to the pixel values themselves
+        assert bool((batch[:, 2] == 0).any()) == zeros_appear, padding
 
 
 def test_training_loader_is_seeded_and_normalises():
