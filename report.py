@@ -27,17 +27,25 @@ PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs",
 SOURCES = ("seed zoo", "CRD benchmark")
 
 
+def published_rows(path=PUBLISHED_CSV):
+    """docs/published.csv's rows in file order: top1 a float, teacher None for a baseline."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for line, row in enumerate(rows, start=2):
+        if row["source"] not in SOURCES:
+            raise ValueError(f"{path}:{line}: source {row['source']!r} is not one of {SOURCES}")
+        row["teacher"], row["top1"] = row["teacher"] or None, float(row["top1"])
+    return rows
+
+
 def read_published(path=PUBLISHED_CSV):
     numbers = defaultdict(dict)  # dataset -> {(method, student, teacher): {source: top1}}
-    with open(path, newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            if row["source"] not in SOURCES:
-                raise ValueError(f"{path}:{line}: source {row['source']!r} is not one of {SOURCES}")
-            key = (row["method"], row["student"], row["teacher"] or None)
-            by_source = numbers[row["dataset"]].setdefault(key, {})
-            if row["source"] in by_source:
-                raise ValueError(f"{path}:{line}: a second {row['source']} number for {row['dataset']} {key}")
-            by_source[row["source"]] = float(row["top1"])
+    for row in published_rows(path):
+        key = (row["method"], row["student"], row["teacher"])
+        by_source = numbers[row["dataset"]].setdefault(key, {})
+        if row["source"] in by_source:
+            raise ValueError(f"{path}: a second {row['source']} number for {row['dataset']} {key}")
+        by_source[row["source"]] = row["top1"]
     published = {}
     for dataset, rows in numbers.items():
         sources = {source for by_source in rows.values() for source in by_source}

@@ -5,7 +5,6 @@
 Run it after changing a method's metadata, flags or defaults, or a published number:
 tests/test_docs.py fails while docs/methods.md differs from what render() returns.
 """
-import csv
 import os
 import re
 import sys
@@ -15,11 +14,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from kd_losses import METHODS  # noqa: E402
+from report import SOURCES, published_rows  # noqa: E402
 
 OUTPUT = os.path.join(ROOT, "docs", "methods.md")
-PUBLISHED_CSV = os.path.join(ROOT, "docs", "published.csv")
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-SOURCES = ("seed zoo", "CRD benchmark")
 PAIR = ("resnet20", "resnet110")  # the seed zoo's (student, teacher) pair
 
 INTRO = """\
@@ -139,16 +137,6 @@ def methods_table():
     return lines
 
 
-def read_published(path=PUBLISHED_CSV):
-    """The CSV's rows in file order, top1 as a float and teacher None for a baseline."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["teacher"] = row["teacher"] or None
-        row["top1"] = float(row["top1"])
-    return rows
-
-
 def table_row(label, values):
     return f"| {label} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values) + " |"
 
@@ -199,7 +187,7 @@ def benchmark_tables(rows):
 
 def render():
     """The whole text of docs/methods.md."""
-    rows = read_published()
+    rows = published_rows()
     student, teacher = PAIR
     parts = [INTRO, "## The methods", "", f"{len(METHODS)} methods, in the registry's order (that of `--help`).", ""]
     parts += methods_table()

@@ -34,7 +34,7 @@ def register(name):
 
 
 class KDMethod(nn.Module):
-    paper = ""                 # short citation, shown in --help and the README
+    paper = ""                 # short citation (docs/methods.md)
     summary = ""               # what it computes, one line (docs/methods.md)
     weight_source = ""         # where default_weight comes from, e.g. "seed zoo" (docs/methods.md)
     stage = ""                 # what the stage before training does; "" without one (has_stage False)

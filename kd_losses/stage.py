@@ -5,8 +5,6 @@ import torch
 
 from utils import log, progress_bar
 
-from .base import as_float
-
 
 def stage_lr(lr, epoch, epochs):
     """lr, then lr / 10 after 60 % of the epochs and lr / 100 after 80 %: the seed zoo's 30, 10 and
@@ -47,12 +45,9 @@ def train_student_alone(method, student, teacher, batches, epochs, lr, loss_weig
     for p in frozen:
         p.requires_grad_(True)
 
-    def batch_loss(images):
-        logits, feats = student(images, features=True)
-        outputs = {"logits": logits, **{k: feats[k] for k in method.features}}
-        teacher_out = teacher.outputs(images, method.features)
-        with torch.autocast(images.device.type, enabled=False):  # the loss in fp32, as in training
-            return loss_weight * method(as_float(outputs), as_float(teacher_out), None)
+    def batch_loss(images):  # the training step's forward and fp32 loss, without labels
+        _, loss = method.step(student, images, None, None, teacher.outputs(images, method.features))
+        return loss_weight * loss
     parameters = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     train_stage(method.name, parameters, batch_loss, batches, epochs, lr, teacher.amp,
                 what=f"weighted {method.name} loss")

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from kd_losses import METHODS  # noqa: E402
 from utils import run_main  # noqa: E402
 
 # the device the scripts run on in the tests: KDZOO_TEST_DEVICE=cuda python -m pytest -q tests runs the
@@ -123,6 +124,13 @@ def train_teacher(root, out, model):
 def teacher(cifar10_root, tmp_path_factory):
     """One resnet8 teacher for every KD test that needs no other."""
     return train_teacher(cifar10_root, tmp_path_factory.mktemp("teacher") / "run", "resnet8")
+
+
+def small_method_flags(method):
+    """A one-epoch stage for the methods that have one, and a few CRD negatives: a method's tiny run."""
+    stage = [x for key in METHODS[method].hyperparameters if key.endswith("_epochs")
+             for x in (f"--{key.replace('_', '-')}", 1)]
+    return (*stage, *(("--crd-negatives", 16) if method == "crd" else ()))
 
 
 def assert_user_error(proc, *fragments):

@@ -2,19 +2,19 @@
 on CUDA (KDZOO_TEST_DEVICE=cuda) on a GPU machine."""
 import csv
 import itertools
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT, run_script, train_teacher
+from conftest import run_script, small_method_flags, train_teacher
 from data import DATASETS, DeviceLoader
 from engine import Distiller, Teacher, build_optimizer, train_step
 from kd_losses import METHODS, build_method, default_hyperparameters
 from models import build_model
+from test_distributed import torchrun
+from test_fast_path import assert_close_run
+from test_resume import assert_same_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -27,12 +27,6 @@ def cuda_teacher(cifar10_root, tmp_path_factory):
     return train_teacher(cifar10_root, tmp_path_factory.mktemp("cuda-teacher") / "run", "resnet8")
 
 
-def kd_flags(method):
-    stage = [x for key in METHODS[method].hyperparameters if key.endswith("_epochs")
-             for x in (f"--{key.replace('_', '-')}", 1)]
-    return (*stage, *(("--crd-negatives", 16) if method == "crd" else ()))
-
-
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_an_epoch_with_a_partial_last_batch(method, compile_, cuda_teacher, cifar10_root,
@@ -43,7 +37,7 @@ def test_every_method_trains_an_epoch_with_a_partial_last_batch(method, compile_
         proc = run_script("train_kd.py", "--teacher", cuda_teacher, "--method", method, "--student", "resnet8",
                           "--data-root", cifar10_root, "--output-dir", tmp_path / "run", "--epochs", 2,
                           "--batch-size", 64, "--device", "cuda", *(("--compile",) if compile_ else ()),
-                          *kd_flags(method))
+                          *small_method_flags(method))
     assert "epoch   2/2" in proc.stdout and "done: last epoch" in proc.stdout and "nan" not in proc.stdout.lower()
     # CUDA graphs warn when a graph is replayed while a backward of an earlier replay is pending
     assert not [w for w in caught if "pending" in str(w.message)], [str(w.message) for w in caught]
@@ -78,7 +72,6 @@ def test_training_steps_make_no_host_synchronisation(method):
 
 
 def test_fast_path_matches_fp32_eager_on_cuda(cuda_teacher, cifar10_root, tmp_path):
-    from test_fast_path import assert_close_run
     runs = []
     for name, speed in (("eager", ("--amp", "off", "--no-channels-last")), ("fast", ("--compile",))):
         out = tmp_path / name
@@ -93,9 +86,9 @@ def test_fast_path_matches_fp32_eager_on_cuda(cuda_teacher, cifar10_root, tmp_pa
 
 @pytest.mark.parametrize("method", ["st", "bss", "crd"])
 def test_deterministic_resume_is_bit_exact_on_cuda(method, cuda_teacher, cifar10_root, tmp_path):
-    from test_resume import assert_same_run
     common = ("--teacher", cuda_teacher, "--method", method, "--student", "resnet8", "--data-root", cifar10_root,
-              "--batch-size", 32, "--lr-milestones", 2, "--device", "cuda", "--deterministic", *kd_flags(method))
+              "--batch-size", 32, "--lr-milestones", 2, "--device", "cuda", "--deterministic",
+              *small_method_flags(method))
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script("train_kd.py", *common, "--epochs", 3, "--output-dir", straight)
     run_script("train_kd.py", *common, "--epochs", 1, "--output-dir", split)
@@ -113,21 +106,13 @@ def test_a_cpu_run_resumes_on_cuda(cuda_teacher, cifar10_root, tmp_path):
     assert "saved on another kind of device" in back.stdout
 
 
-def torchrun(*args, nproc=2, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env={**os.environ, **OFFLINE}, capture_output=True,
-                          text=True, timeout=600)
-    assert not check or proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("method,extra", [("st", ("--compile",)), ("st", ("--sync-bn",)), ("ab", ("--sync-bn",)),
                                           ("ab", ("--compile", "--sync-bn"))])
 def test_nccl_torchrun(method, extra, cuda_teacher, cifar10_root, tmp_path):
     proc = torchrun("train_kd.py", "--teacher", cuda_teacher, "--method", method, "--student", "resnet8",
                     "--data-root", cifar10_root, "--output-dir", tmp_path / "run", "--epochs", 1, "--batch-size", 40,
-                    "--device", "cuda", *extra, *kd_flags(method))
+                    "--device", "cuda", *extra, *small_method_flags(method))
     assert "identical on all 2 processes" in proc.stdout
     assert "pending, uninvoked backwards" not in proc.stdout + proc.stderr
 

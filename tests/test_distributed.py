@@ -11,12 +11,12 @@ from conftest import OFFLINE, ROOT, run_script
 pytestmark = pytest.mark.slow  # torchrun starts real processes
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, check=True):
     """`torchrun --standalone --nproc_per_node N ...`, through the interpreter so PATH does not matter."""
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not check or proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
 

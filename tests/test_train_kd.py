@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, EXACT, assert_user_error, run_script, train_teacher
+from conftest import DEVICE, EXACT, assert_user_error, run_script, small_method_flags, train_teacher
 from data import DATASETS, DeviceLoader
 from engine import Distiller, Teacher, build_optimizer, train_one_epoch
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight
@@ -15,9 +15,7 @@ KD_TINY = ("--epochs", 1, "--batch-size", 32, "--student", "resnet8", "--device"
 
 def kd_args(method):
     """KD_TINY, with a one-epoch stage for the methods that have one and a few CRD negatives."""
-    stage = [(f"--{key.replace('_', '-')}", 1) for key in METHODS[method].hyperparameters if key.endswith("_epochs")]
-    small = [("--crd-negatives", 16)] if method == "crd" else []
-    return KD_TINY + tuple(x for flag in stage + small for x in flag)
+    return KD_TINY + small_method_flags(method)
 
 
 @pytest.fixture(scope="module")
