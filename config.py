@@ -56,12 +56,15 @@ DEFAULTS = dict(
     ce_weight=1.0,
     kd_weight=None,          # None: the method's own default weight
     stage_cache=None,        # folder that keeps stage results (FT, AB, FSP) across runs; None: none kept
+    teacher_cache="auto",    # the teacher's outputs on every view, computed once (engine/teacher_cache.py)
+    teacher_cache_dir=None,  # where teacher caches are kept; None: beside the teacher checkpoint
 )
 
 # flags that may differ from the run being resumed: they change where or how long, not what
 MAY_CHANGE_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher", "amp",
-                        "channels_last", "compile", "deterministic", "stage_cache")
-KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache")
+                        "channels_last", "compile", "deterministic", "stage_cache", "teacher_cache",
+                        "teacher_cache_dir")
+KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache", "teacher_cache", "teacher_cache_dir")
 
 
 class Config(argparse.Namespace):
@@ -144,6 +147,17 @@ def get_args_parser(script):
                             help="keep the results of a method's stage (FT, AB, FSP) in DIR and reuse them "
                                  "in later runs with the same teacher, student, seed, data and settings "
                                  "(default: none kept outside the run folder)")
+        cache = parser.add_argument_group(
+            "teacher cache (the teacher's logits and pooled vector on all 162 crop/flip views of every "
+            "training image, computed once; results change only by floating-point rounding)")
+        cache.add_argument("--teacher-cache", choices=["auto", "on", "off"],
+                           help="on: build or load it (for methods that read only those outputs); auto: use it "
+                                "when one exists for this teacher and data, or build it when that costs fewer "
+                                "teacher forwards than the run (from 162 epochs on); off: run the teacher at "
+                                "every step (default: auto)")
+        cache.add_argument("--teacher-cache-dir", metavar="DIR",
+                           help="where teacher caches are kept and looked for (default: beside the teacher "
+                                "checkpoint)")
         add_method_flags(parser)
     return parser
 
@@ -196,6 +210,10 @@ def resolve(args, script):
         if values["sync_bn"] and METHODS[values["method"]].double_backward:
             raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
                             f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
+        refusal = METHODS[values["method"]].teacher_cache_refusal()
+        if values["teacher_cache"] == "on" and refusal:
+            raise UserError(f"--teacher-cache on cannot serve --method {values['method']}: {refusal}; use "
+                            f"--teacher-cache auto or off.")
         values["teacher_sha256"] = file_sha256(values["teacher"])
         if resume and values["teacher_sha256"] != resume[0]["config"]["teacher_sha256"]:
             raise UserError(f"{values['teacher']} is not the teacher of the run in {resume[1]} "

@@ -3,6 +3,7 @@
 Reading the official python pickles ourselves (instead of torchvision's dataset class) means any
 folder in the official layout loads, and the whole set becomes one tensor we can move to the GPU.
 """
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -99,6 +100,18 @@ def load_cifar(name, root, download=True):
     return train_x, train_y, test_x, test_y
 
 
+def training_files_sha256(name, root):
+    """sha256 over the bytes of the data set's training files in `root` (load_cifar has read them):
+    what decides its training images, whatever folder they are in."""
+    spec = DATASETS[name]
+    digest = hashlib.sha256()
+    for file in spec.train_files:
+        with open(os.path.join(root, spec.folder, file), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def class_balanced_split(labels, size, seed, num_classes):
     """Indices (kept, held_out): `size` images held out, spread over classes round-robin, fixed by seed."""
     if not 0 < size < len(labels):
@@ -118,23 +131,47 @@ def class_balanced_split(labels, size, seed, num_classes):
 
 
 PADDINGS = ("zeros", "reflect")
+PAD = 4                          # pixels added on each side before the random 32 x 32 crop
+OFFSETS = 2 * PAD + 1            # crop offsets per axis
+VIEWS = OFFSETS * OFFSETS * 2    # every augmented view of an image: (row offset, column offset, flip)
 
 
-def random_crop_flip(images, generator, padding=4, mode="zeros"):
-    """Per-image random crop of a batch padded by `padding` pixels (mode 'zeros', or 'reflect': the
-    border mirrored without repeating the edge, as transforms.Pad(padding_mode='reflect')) and
-    horizontal flip with p = 0.5 (uint8 in, uint8 out)."""
+def view_code(dy, dx, flip):
+    """The number 0..VIEWS-1 of the view cropped at row offset dy, column offset dx (0..2 PAD), then
+    flipped or not: the order of every_view()'s views."""
+    return (dy * OFFSETS + dx) * 2 + flip
+
+
+def pad_images(images, mode):
+    """uint8 N x 3 x 32 x 32 padded by PAD pixels: zeros, or 'reflect': the border mirrored without
+    repeating the edge, as transforms.Pad(padding_mode='reflect')."""
+    return F.pad(images, (PAD,) * 4, mode="constant" if mode == "zeros" else "reflect")
+
+
+def random_crop_flip(images, generator, mode="zeros"):
+    """Per-image random crop of a padded batch (pad_images) and horizontal flip with p = 0.5, uint8 in,
+    uint8 out. Returns (crops, views): views[i] is crops[i]'s view_code."""
     n, _, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding), mode="constant" if mode == "zeros" else "reflect")
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
+    padded = pad_images(images, mode)
+    offsets = torch.randint(0, OFFSETS, (n, 2), generator=generator, device=device)
     flips = torch.rand(n, generator=generator, device=device) < 0.5
     rows = offsets[:, :1] + torch.arange(h, device=device)
     cols = offsets[:, 1:] + torch.arange(w, device=device)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
-    return padded[torch.arange(n, device=device)[:, None, None, None],
-                  torch.arange(3, device=device)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    crops = padded[torch.arange(n, device=device)[:, None, None, None],
+                   torch.arange(3, device=device)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
+    return crops, view_code(offsets[:, 0], offsets[:, 1], flips.long())
+
+
+def every_view(images, mode="zeros"):
+    """All VIEWS augmented views of each image, N x VIEWS x 3 x 32 x 32 uint8, in view_code order:
+    what random_crop_flip can return for it."""
+    n, c, h, w = images.shape
+    windows = pad_images(images, mode).unfold(2, h, 1).unfold(3, w, 1)  # N x 3 x dy x dx x 32 x 32
+    windows = windows.permute(0, 2, 3, 1, 4, 5)
+    return torch.stack([windows, windows.flip(-1)], dim=3).reshape(n, VIEWS, c, h, w)
 
 
 class DeviceLoader:
@@ -144,10 +181,11 @@ class DeviceLoader:
     'reflect') with their own seeded generator (its state is all a resumed run needs to replay the
     same batches); evaluation loaders do neither.
 
-    Training batches are (images, labels, indices), indices being the samples' positions in the
-    set; with `negatives` = K > 0, indices is N x (1 + K): column 0 the sample, then K samples of
-    other classes drawn uniformly (a contrastive method's negatives). Evaluation batches are
-    (images, labels).
+    Training batches are (images, labels, indices, views): indices are the samples' positions in the
+    set (with `negatives` = K > 0, N x (1 + K): column 0 the sample, then K samples of other classes
+    drawn uniformly, a contrastive method's negatives); views are the augmentations drawn
+    (data.view_code). `positions` maps a sample to its position in the data set's training files
+    (they differ when --val-split holds images out). Evaluation batches are (images, labels).
 
     Under torchrun (world_size > 1) batch_size is the global batch: every process draws the same
     permutation and augmentation for the whole global batch and keeps its own contiguous slice, so
@@ -157,8 +195,9 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False,
-                 rank=0, world_size=1, padding="zeros"):
+                 rank=0, world_size=1, padding="zeros", positions=None):
         self.images, self.labels, self.padding = images, labels, padding
+        self.positions = torch.arange(len(labels), device=labels.device) if positions is None else positions
         self.negatives = 0  # other-class indices per sample: see add_negatives
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size = rank, world_size
@@ -206,11 +245,12 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             if len(index) < self.world_size:
                 break
-            batch, labels = random_crop_flip(self.images[index], self.generator, mode=self.padding), self.labels[index]
+            batch, views = random_crop_flip(self.images[index], self.generator, self.padding)
+            labels = self.labels[index]
             if self.negatives:
                 index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
-            yield self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi]
+            yield self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi], views[lo:hi]
 
     def add_negatives(self, k):
         """From now on, batches carry k other-class indices per sample (see the class docstring)."""
@@ -236,6 +276,7 @@ def make_loaders(cfg, device, rank=0, world_size=1):
     """Loads cfg.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
     spec = DATASETS[cfg.dataset]
     train_x, train_y, test_x, test_y = load_cifar(cfg.dataset, cfg.data_root)
+    keep = torch.arange(len(train_y))
     if cfg.val_split:
         keep, held_out = class_balanced_split(train_y, cfg.val_split, cfg.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
@@ -243,7 +284,7 @@ def make_loaders(cfg, device, rank=0, world_size=1):
     common = dict(batch_size=cfg.batch_size, mean=spec.mean, std=spec.std, channels_last=cfg.channels_last,
                   rank=rank, world_size=world_size)
     loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed,
-                                     padding=cfg.padding, **common),
+                                     padding=cfg.padding, positions=keep.to(device), **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
     if cfg.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)

@@ -2,12 +2,17 @@
 
     python sweep.py --dataset cifar10 --teacher resnet110 --student resnet20 --seeds 0 1 2
     python sweep.py --data-root ../data --methods st at --seeds 0 1 -- --epochs 30 --val-split 5000
+    python sweep.py --methods st rkd --teacher-cache on --teacher-checkpoint teacher.pt -- --epochs 30
 
-Everything after `--` goes to train_base.py and train_kd.py alike (the recipe flags). A run whose
-folder already holds all its epochs is skipped; an interrupted one is resumed (--resume auto).
+Everything after `--` goes to train_base.py and train_kd.py (the recipe flags; a flag only
+train_kd.py has, such as --kd-weight, to train_kd.py alone). A run whose folder
+already holds all its epochs is skipped; an interrupted one is resumed (--resume auto).
 The teacher trains first (its last.pt teaches, not a best.pt that may have been chosen on the test
 set); the other runs then go one after another on one device, or on several GPUs at once (one run
-per GPU, --gpus). Then: python report.py <output-root>.
+per GPU, --gpus). The KD runs that can read the teacher cache go first, those that read the
+teacher's pooled vector before those that read its logits alone, so that the cache the first one
+builds (--teacher-cache) serves all the others; with several GPUs that first run goes alone.
+Then: python report.py <output-root>.
 """
 import argparse
 import csv
@@ -20,6 +25,7 @@ from queue import Empty, Queue
 
 import torch
 
+import config
 from kd_losses import METHODS
 from models import MODELS
 from utils import HelpFormatter, non_negative
@@ -45,6 +51,10 @@ def get_args_parser():
     parser.add_argument("--gpus", nargs="*", type=non_negative(int),
                         help="GPU indices to spread the student runs over (default: every visible GPU; "
                              "none: one run at a time on the scripts' default device)")
+    parser.add_argument("--teacher-cache", choices=["auto", "on", "off"],
+                        help="train_kd.py's --teacher-cache for the methods that can read the cache (the others "
+                             "get auto, which leaves it unused; off: off for all) (default: train_kd.py's auto)")
+    parser.add_argument("--teacher-cache-dir", metavar="DIR", help="train_kd.py's --teacher-cache-dir")
     parser.add_argument("script_args", nargs=argparse.REMAINDER,
                         help="after --: flags for train_base.py and train_kd.py (recipe, --val-split, ...)")
     return parser
@@ -62,16 +72,44 @@ def is_complete(out):
     return rows >= epochs and os.path.exists(os.path.join(out, "last.pt"))
 
 
+def base_script_args(script_args):
+    """script_args without the flags that only train_kd.py has (and their values): train_base.py's."""
+    base = set(config.get_args_parser("base")._option_string_actions)
+    kd_only = set(config.get_args_parser("kd")._option_string_actions) - base
+    kept, keep = [], True
+    for token in script_args:
+        if token.startswith("--"):
+            keep = token.split("=")[0] not in kd_only
+        if keep:
+            kept.append(token)
+    return kept
+
+
+def cache_order(methods):
+    """The methods in the order they run: those that can read the teacher cache first, the ones that
+    read more of its outputs (the pooled vector) before those that read the logits alone."""
+    def rank(method):
+        return (1, 0) if METHODS[method].teacher_cache_refusal() else (0, -len(METHODS[method].features))
+    return sorted(methods, key=rank)
+
+
 def jobs(args, root):
-    """(folder, command) of every student run of the sweep."""
-    common = ["--dataset", args.dataset, "--data-root", args.data_root, *args.script_args]
+    """(folder, command) of every student run of the sweep, the teacher cache's first reader first."""
+    common = ["--dataset", args.dataset, "--data-root", args.data_root]
     for seed in args.seeds:
-        yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
-               ["train_base.py", "--model", args.student, "--seed", str(seed), *common])
-        for method in args.methods:
+        for method in cache_order(args.methods):
+            cache = []
+            if args.teacher_cache:
+                on_refused = args.teacher_cache == "on" and METHODS[method].teacher_cache_refusal()
+                cache += ["--teacher-cache", "auto" if on_refused else args.teacher_cache]
+            if args.teacher_cache_dir:
+                cache += ["--teacher-cache-dir", args.teacher_cache_dir]
             yield (os.path.join(root, f"{method}-{args.student}-seed{seed}"),
                    ["train_kd.py", "--teacher", args.teacher_checkpoint, "--student", args.student,
-                    "--method", method, "--seed", str(seed), *common])
+                    "--method", method, "--seed", str(seed), *common, *cache, *args.script_args])
+        yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
+               ["train_base.py", "--model", args.student, "--seed", str(seed), *common,
+                *base_script_args(args.script_args)])
 
 
 def run(out, command, gpu=None):
@@ -102,16 +140,21 @@ def main(argv=None):
     if args.teacher_checkpoint is None:
         teacher_dir = os.path.join(root, f"teacher-{args.teacher}-seed{args.teacher_seed}")
         teacher_cmd = ["train_base.py", "--model", args.teacher, "--seed", str(args.teacher_seed),
-                       "--dataset", args.dataset, "--data-root", args.data_root, *args.script_args]
+                       "--dataset", args.dataset, "--data-root", args.data_root, *base_script_args(args.script_args)]
         if run(teacher_dir, teacher_cmd, gpus[0] if gpus else None) != 0:
             sys.exit("error: the teacher's run failed, so no student can run.")
         args.teacher_checkpoint = os.path.join(teacher_dir, "last.pt")
     elif not os.path.isfile(args.teacher_checkpoint):
         sys.exit(f"error: --teacher-checkpoint {args.teacher_checkpoint} does not exist.")
-    queue = Queue()
+    queue, failures = Queue(), []
     for job in jobs(args, root):
         queue.put(job)
-    failures = []
+    first_method = cache_order(args.methods)[0] if args.methods else None
+    if len(gpus) > 1 and first_method and not METHODS[first_method].teacher_cache_refusal():
+        # alone: the teacher cache it may build then serves the runs after it, instead of each building one
+        out, command = queue.get_nowait()
+        if run(out, command, gpus[0]) != 0:
+            failures.append(out)
 
     def worker(gpu):
         while True:

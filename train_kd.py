@@ -12,7 +12,7 @@ import torch
 
 import config
 from data import make_loaders
-from engine import Distiller, Teacher, build_optimizer, evaluate, fit, run_stage, setup_device
+from engine import Distiller, Teacher, build_optimizer, evaluate, fit, prepare_teacher_cache, run_stage, setup_device
 from kd_losses import build_method
 from models import build_network
 from utils import (UserError, barrier, is_main, log, make_writable_folder, prepare_output_dir, run_main, set_seed,
@@ -41,9 +41,6 @@ def main(argv=None):
     method.to(device, memory_format=memory_format)
     if method.negatives_per_sample:
         loaders["train"].add_negatives(method.negatives_per_sample)
-    task = Distiller(student, teacher, method, cfg.ce_weight, cfg.kd_weight)
-    if cfg.compile:
-        task.compile_steps(device)
 
     if is_main():
         if method.has_stage and cfg.stage_cache:
@@ -55,6 +52,11 @@ def main(argv=None):
     log(f"teacher {cfg.teacher_arch} ({cfg.teacher}): test top1 {teacher_test['top1']:.2f} "
         f"top5 {teacher_test['top5']:.2f}")
     log(f"method {cfg.method}: kd weight {cfg.kd_weight}, ce weight {cfg.ce_weight}, {hparams}")
+    epochs_left = cfg.epochs - (resume[0]["epoch"] if resume else 0)
+    teacher_cache = prepare_teacher_cache(cfg, method, teacher, loaders["train"], epochs_left)
+    task = Distiller(student, teacher, method, cfg.ce_weight, cfg.kd_weight, teacher_cache)
+    if cfg.compile:
+        task.compile_steps(device)
     if method.has_stage and not resume:  # a resumed run gets the stage's result from last.pt
         key = {k: getattr(cfg, k) for k in ("method", "model", "shortcut", "seed", "dataset", "val_split",
                                              "batch_size", "padding", "amp", "teacher_sha256", *hparams)}

@@ -102,8 +102,8 @@ def fraction(text):
 
 
 def write_atomic(path, write, mode="w"):
-    """write(file) into a temporary file beside `path`, fsync, then rename: a crash or a full disk
-    leaves the previous file whole, and a failed write is one clear error."""
+    """write(file) into a temporary file beside `path`, fsync, then rename: a crash, a full disk or
+    Ctrl-C leaves the previous file whole and no temporary file, and a failed write is one clear error."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
@@ -111,10 +111,13 @@ def write_atomic(path, write, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"Could not write {path} ({e.strerror or e}); the previous file, if any, is intact.") from None
+        if isinstance(e, OSError):
+            raise UserError(f"Could not write {path} ({e.strerror or e}); the previous file, if any, is "
+                            f"intact.") from None
+        raise
 
 
 def write_json(obj, path):

@@ -8,6 +8,9 @@
 (b) ours: the data set on the device as uint8, batched crop/flip/normalise there (DeviceLoader),
     bf16 autocast where supported, channels_last (on CUDA and with bf16), and torch.compile.
 Both train the same task (engine.Supervised / engine.Distiller, SGD) for the same number of steps.
+Then, ours only, the teacher cache (--cache-rows): the baseline resnet20 at the KD batch size, each
+KD row with the teacher running and with the cache, and the cache's one-off build (timed on
+--cache-build-images images, extrapolated to 50,000) with the epoch from which it pays for itself.
 Timed: `--repeats` runs of `--steps` steps after `--warmup` steps; the median is reported, as images
 per second and seconds per 50,000-image epoch. Not a test: run it on a quiet machine.
 """
@@ -22,8 +25,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import DATASETS, DeviceLoader  # noqa: E402
+from data import DATASETS, VIEWS, DeviceLoader  # noqa: E402
 from engine import Distiller, Supervised, Teacher, train_step  # noqa: E402
+from engine.teacher_cache import TeacherCache, build_cache  # noqa: E402
 from kd_losses import METHODS, build_method, default_hyperparameters, default_weight  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -52,6 +56,11 @@ def get_args():
                    help="ours: auto = on for CUDA and with bf16 (oneDNN's bf16 convolutions prefer NHWC)")
     p.add_argument("--compile", choices=["on", "off"], default="on",
                    help="ours: torch.compile the steps (compiling takes about a minute per row on a CPU)")
+    cacheable = [m for m in METHODS if not METHODS[m].teacher_cache_refusal()]
+    p.add_argument("--cache-rows", nargs="*", choices=cacheable, default=["st", "rkd"],
+                   help="KD rows also timed with the teacher cache (none: skip that table)")
+    p.add_argument("--cache-build-images", type=int, default=128,
+                   help="images whose 162 views the timed cache build runs through the teacher")
     return p.parse_args()
 
 
@@ -77,7 +86,7 @@ def conventional_batches(images, labels, batch_size, workers, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     for x, y in itertools.chain.from_iterable(itertools.repeat(loader)):
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), None  # no sample indices
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), None, None  # no indices, no views
 
 
 def device_batches(images, labels, batch_size, device, channels_last):
@@ -103,30 +112,88 @@ def build_task(row, device, memory_format, labels, compile_steps=False, amp=Fals
     return task
 
 
-def time_steps(task, batches, amp, args, device):
-    """Median images per second over the timed repeats."""
+def stepper(task, batches, amp):
+    """A function that trains `task` one step on the next batch and returns the batch's size."""
     optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=5e-4)
     task.train()
 
     def step():
-        images, targets, indices = next(batches)
-        train_step(task, optimizer, images, targets, indices, amp)
+        images, targets, indices, views = next(batches)
+        train_step(task, optimizer, images, targets, indices, views, amp)
         return len(targets)
+    return step
 
+
+def timed_rate(step, steps, device):
+    """Images per second over `steps` steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    seen = sum(step() for _ in range(steps))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def time_steps(task, batches, amp, args, device):
+    """Median images per second over the timed repeats."""
+    step = stepper(task, batches, amp)
     for _ in range(args.warmup):
         step()
-    rates = []
-    for _ in range(args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        seen = sum(step() for _ in range(args.steps))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(seen / (time.perf_counter() - start))
+    rate = statistics.median(timed_rate(step, args.steps, device) for _ in range(args.repeats))
     batches.close()  # shuts the conventional pipeline's workers down before the next measurement
-    return statistics.median(rates)
+    return rate
+
+
+def cache_table(args, device, images, labels, amp, channels_last, compile_steps):
+    """Ours with the teacher running and with the teacher cache, against the baseline at the same
+    batch. The rows are timed in turn, `--repeats` rounds of `--steps` steps each, so that the
+    machine's drift reaches all of them alike; the median of each row's rounds is reported."""
+    batch, fmt = args.kd_batch_size, torch.channels_last if channels_last else torch.contiguous_format
+    loader = DeviceLoader(images.to(device), labels.to(device), batch, DATASETS["cifar10"].mean,
+                          DATASETS["cifar10"].std, train=True, channels_last=channels_last)
+    positions = torch.arange(len(images), device=device)
+    rows = {"base-resnet20": build_task("base-resnet20", device, fmt, labels, compile_steps, amp)}
+    teacher = None
+    for method in args.cache_rows:
+        rows[f"kd-{method}"] = build_task(f"kd-{method}", device, fmt, labels, compile_steps, amp)
+        rows[f"kd-{method} cache"] = cached = build_task(f"kd-{method}", device, fmt, labels, compile_steps, amp)
+        teacher = cached.teacher
+    # the teacher's forward is the whole build: timed once, with every cached output
+    build_cache(teacher, images[:64], loader.normalize, "zeros", ("logits", "pool"), False)  # warm-up (compiles)
+    start = time.perf_counter()
+    built = build_cache(teacher, images[:args.cache_build_images], loader.normalize, "zeros", ("logits", "pool"),
+                        False)
+    build_rate = args.cache_build_images * VIEWS / (time.perf_counter() - start)
+    # every image's table: the built images' outputs repeated (a lookup costs the same whatever it reads)
+    tables = {name: t.repeat(-(-len(images) // args.cache_build_images), 1)[:len(images) * VIEWS]
+              for name, t in built.items()}
+    for method in args.cache_rows:
+        task = rows[f"kd-{method} cache"]
+        task.teacher_cache = TeacherCache({name: tables[name] for name in ("logits", *task.method.features)},
+                                          positions)
+    steps = {name: stepper(task, device_batches(images, labels, batch, device, channels_last), amp)
+             for name, task in rows.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    rounds = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            rounds[name].append(timed_rate(step, args.steps, device))
+    rates = {name: statistics.median(r) for name, r in rounds.items()}
+    base = rates["base-resnet20"]
+    print(f"\nteacher cache, ours only (resnet110 teacher, resnet20 student, batch {batch}; rows timed in turn):")
+    header = f"{'row':<16}{'img/s':>8}{'s/epoch':>9}{'x base':>8}"
+    print(header + "\n" + "-" * len(header))
+    for name, value in rates.items():
+        print(f"{name:<16}{value:>8.0f}{EPOCH_IMAGES / value:>9.1f}{base / value:>7.2f}x")
+    build = EPOCH_IMAGES * VIEWS / build_rate
+    paid = ", ".join(f"{build / (EPOCH_IMAGES / rates[f'kd-{m}'] - EPOCH_IMAGES / rates[f'kd-{m} cache']):.0f} "
+                     f"epochs of {m}" for m in args.cache_rows)
+    print(f"build: {build_rate:.0f} views/s ({args.cache_build_images} images timed), so {EPOCH_IMAGES:,} x {VIEWS} "
+          f"views in {build:.0f} s; it pays for itself after {paid}", flush=True)
 
 
 def main():
@@ -160,6 +227,8 @@ def main():
         fast = time_steps(task, device_batches(images, labels, batch, device, channels_last), amp, args, device)
         print(f"{row:<16}{batch:>6} | {slow:>10.0f}{EPOCH_IMAGES / slow:>9.1f} | {fast:>10.0f}"
               f"{EPOCH_IMAGES / fast:>9.1f} | {fast / slow:>5.1f}x", flush=True)
+    if args.cache_rows:
+        cache_table(args, device, images, labels, amp, channels_last, compile_steps)
 
 
 if __name__ == "__main__":

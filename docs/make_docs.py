@@ -62,6 +62,11 @@ is written outside the run folder. With `--stage-cache DIR` (opt-in), results ar
 keyed by teacher, student, seed, data, precision and the method's settings, and a later run with the same key
 loads the result instead of training the stage again.
 
+**The teacher cache.** A method reads the teacher's outputs from the teacher cache (`train_kd.py
+--teacher-cache`, README) when it reads only `logits` and `pool` from the teacher and does not run
+the teacher itself (`runs_teacher`): the "teacher cache" column, derived from those two attributes
+(`KDMethod.teacher_cache_refusal`).
+
 **Cost.** `sobolev` and `lwm` take a double backward, `bss` ten teacher forward/backward passes
 on its samples per step, `crd` scores every batch against its memory banks, and `dml` trains a
 second network ([results.md](results.md) gives measured one-epoch costs, from
@@ -69,8 +74,9 @@ second network ([results.md](results.md) gives measured one-epoch costs, from
 so; the teacher's forward is still compiled).
 
 **Adding a method.** Besides `paper`, `features`, `default_weight` and `hyperparameters`, set
-`summary`, `weight_source`, `deviations` (empty where there are none) and, with `has_stage`,
-`stage`, then run `python docs/make_docs.py`.
+`summary`, `weight_source`, `deviations` (empty where there are none), with `has_stage`, `stage`,
+and `runs_teacher = True` for a step that calls the teacher itself; then run
+`python docs/make_docs.py`.
 """
 
 PUBLISHED_NOTES = """\
@@ -128,11 +134,12 @@ def flags(cls):
 
 def methods_table():
     lines = ["| method | paper | what it computes | features | default weight (source) | flags (defaults) "
-             "| stage before training | where ours differs from the paper |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| stage before training | teacher cache | where ours differs from the paper |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, cls in METHODS.items():
         cells = [f"`{name}`", cls.paper, cls.summary, features(cls), default_weight(cls), flags(cls),
-                 cls.stage, cls.deviations]
+                 cls.stage, f"no: {cls.teacher_cache_refusal()}" if cls.teacher_cache_refusal() else "yes",
+                 cls.deviations]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
 

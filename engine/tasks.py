@@ -1,10 +1,11 @@
 """The tasks the loop trains, and the frozen teacher.
 
-A task is an nn.Module whose forward(images, targets, indices) returns (student_logits, terms),
-terms mapping a name ('ce', 'kd', ...) to a weighted scalar loss whose sum is optimised; indices
-are the batch's positions in the training set. start_epoch(epoch, epochs) runs before each epoch.
-Everything a task holds as a submodule (student, connectors, translators, a peer) is trained and
-checkpointed. The teacher is a plain object, so it is never part of that.
+A task is an nn.Module whose forward(images, targets, indices, views) returns (student_logits,
+terms), terms mapping a name ('ce', 'kd', ...) to a weighted scalar loss whose sum is optimised;
+indices are the batch's positions in the training set and views its augmentations
+(data.DeviceLoader). start_epoch(epoch, epochs) runs before each epoch. Everything a task holds
+as a submodule (student, connectors, translators, a peer) is trained and checkpointed. The teacher
+is a plain object, so it is never part of that.
 """
 import copy
 
@@ -32,7 +33,7 @@ class Supervised(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, images, targets, indices):
+    def forward(self, images, targets, indices, views):
         return self.student_loss(images, targets)
 
     def student_loss(self, images, targets):
@@ -90,11 +91,12 @@ class Teacher:
 class Distiller(nn.Module):
     """Student + KD method, with the teacher beside them. A KD weight of 0 leaves the method and
     the teacher out of the step altogether (and freezes the method's parameters): the step is then
-    the baseline's."""
+    the baseline's. With a teacher_cache (engine.teacher_cache) the teacher's outputs are read from
+    it instead of computed."""
 
-    def __init__(self, student, teacher, method, ce_weight, kd_weight):
+    def __init__(self, student, teacher, method, ce_weight, kd_weight, teacher_cache=None):
         super().__init__()
-        self.student, self.method, self.teacher = student, method, teacher
+        self.student, self.method, self.teacher, self.teacher_cache = student, method, teacher, teacher_cache
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         if kd_weight == 0:
             method.requires_grad_(False)
@@ -112,10 +114,15 @@ class Distiller(nn.Module):
     def start_epoch(self, epoch, epochs):
         self.method.start_epoch(epoch, epochs)
 
-    def forward(self, images, targets, indices):
+    def forward(self, images, targets, indices, views):
         if self.kd_weight == 0:
             return self.baseline_loss(images, targets)
-        teacher_out = self.teacher.outputs(images, self.method.features) if self.method.reads_teacher else {}
+        if self.teacher_cache is not None:
+            teacher_out = self.teacher_cache.outputs(indices, views)
+        elif self.method.reads_teacher:
+            teacher_out = self.teacher.outputs(images, self.method.features)
+        else:
+            teacher_out = {}
         return self.student_loss(images, targets, indices, teacher_out)
 
     def baseline_loss(self, images, targets):

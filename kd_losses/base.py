@@ -23,6 +23,8 @@ METHODS = {}
 # the stage outputs every model exposes (see models/resnet.py), after and before their last ReLU
 STAGES = ("stage1", "stage2", "stage3")
 PRE_RELU_STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
+# the teacher outputs small enough per image to keep for every augmented view (engine/teacher_cache.py)
+CACHED_OUTPUTS = ("logits", "pool")
 
 
 def register(name):
@@ -44,9 +46,24 @@ class KDMethod(nn.Module):
     hyperparameters = {}       # argument name -> (default, help); each becomes a --flag
     has_stage = False          # True for a method that trains something alone before the student
     reads_teacher = True       # False: the teacher's outputs are not computed (DML reads a peer instead)
+    runs_teacher = False       # True: the step calls the teacher itself (input gradients, an attack)
     compilable = True          # False: --compile leaves the step eager (double backward, data-dependent loops)
     double_backward = False    # True: the step differentiates through a gradient (not with --sync-bn)
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
+
+    @classmethod
+    def teacher_cache_refusal(cls):
+        """Why the method cannot take the teacher's outputs from the teacher cache, or "" when it can:
+        it can when it reads the teacher's outputs, all of them in CACHED_OUTPUTS, and never runs the
+        teacher itself."""
+        if cls.runs_teacher:
+            return "it runs the teacher itself"
+        if not cls.reads_teacher:
+            return "it reads no teacher outputs"
+        uncached = [name for name in cls.features if name not in CACHED_OUTPUTS]
+        if uncached:
+            return f"it reads the teacher's {', '.join(uncached)}, and only {' and '.join(CACHED_OUTPUTS)} are cached"
+        return ""
 
     def __init__(self, student_shapes, teacher_shapes, **hparams):
         """student_shapes/teacher_shapes: feature name -> shape of one sample, e.g. (64, 8, 8)."""

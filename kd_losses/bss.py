@@ -38,6 +38,7 @@ class BSS(KDMethod):
                   "the epochs (the seed zoo's fixed 10 of 200). The authors' code attacks logits and adds KD")
     default_weight = 2.0
     compilable = False  # an attack loop with its own backward passes
+    runs_teacher = True  # the attack queries the teacher
     hyperparameters = {"T": (3.0, "softmax temperature"),
                        "bss_attack_size": (32, "boundary supporting samples made per batch"),
                        "bss_steps": (10, "iterations of the attack"),

@@ -39,7 +39,8 @@ class LwM(KDMethod):
     default_weight = 0.4
     compilable = False  # double backward
     double_backward = True
-    reads_teacher = False  # it runs the teacher itself, with autograd
+    reads_teacher = False  # its outputs come from its own run of the teacher, with autograd
+    runs_teacher = True
 
     def __init__(self, student_shapes, teacher_shapes):
         super().__init__(student_shapes, teacher_shapes)

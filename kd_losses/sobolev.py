@@ -28,7 +28,8 @@ class Sobolev(KDMethod):
     default_weight = 20.0
     compilable = False  # double backward
     double_backward = True
-    reads_teacher = False  # it runs the teacher itself, with autograd
+    reads_teacher = False  # its outputs come from its own run of the teacher, with autograd
+    runs_teacher = True
 
     def step(self, student, images, targets, indices, teacher_out):
         images = images.detach().requires_grad_()

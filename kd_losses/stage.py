@@ -14,8 +14,8 @@ def stage_lr(lr, epoch, epochs):
 
 def train_stage(name, parameters, batch_loss, batches, epochs, lr, amp=False, lr_steps=True, nesterov=True,
                 what="loss"):
-    """Minimises batch_loss(images) over `epochs` passes of `batches` ((images, targets, indices)
-    training batches) with SGD: momentum 0.9, weight decay 1e-4, the LR constant or, with
+    """Minimises batch_loss(images) over `epochs` passes of `batches` (training
+    batches: images first) with SGD: momentum 0.9, weight decay 1e-4, the LR constant or, with
     lr_steps, stepped by stage_lr; under bf16 autocast with amp, as training (batch_loss returns
     its loss in fp32). Prints the epoch's mean loss, named `what`, now and then."""
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
@@ -23,7 +23,7 @@ def train_stage(name, parameters, batch_loss, batches, epochs, lr, amp=False, lr
         for group in optimizer.param_groups:
             group["lr"] = stage_lr(lr, epoch, epochs) if lr_steps else lr
         total, seen = 0.0, 0
-        for images, _, _ in progress_bar(batches, f"{name} stage {epoch}/{epochs}"):
+        for images, *_ in progress_bar(batches, f"{name} stage {epoch}/{epochs}"):
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = batch_loss(images)
             optimizer.zero_grad(set_to_none=True)

@@ -25,12 +25,12 @@ def first_step(rank, world_size):
     images, labels = synthetic(64, 0)
     loader = DeviceLoader(images, labels, 16, spec.mean, spec.std, train=True, seed=3, rank=rank,
                           world_size=world_size)
-    x, y, indices = next(iter(loader))
+    x, y, indices, views = next(iter(loader))
     torch.manual_seed(0)
     task = Supervised(build_model("resnet8", 10)).eval()
     if world_size > 1:
         task = torch.nn.parallel.DistributedDataParallel(task)
-    _, terms = task(x, y, indices)
+    _, terms = task(x, y, indices, views)
     terms["ce"].backward()
     return {"grads": {k: p.grad for k, p in task.named_parameters()}, "labels": y, "images": x}
 

@@ -39,7 +39,7 @@ def test_methods_that_run_the_teacher_themselves_do_not_read_its_outputs(monkeyp
     labels = torch.arange(8) % 10
     for name in ("sobolev", "lwm"):
         task = Distiller(student, teacher, build_method(name, {}, student, teacher, labels), 1.0, 1.0)
-        _, terms = task(torch.randn(8, 3, 32, 32), labels, torch.arange(8))
+        _, terms = task(torch.randn(8, 3, 32, 32), labels, torch.arange(8), torch.zeros(8, dtype=torch.long))
         assert torch.isfinite(terms["kd"])
     assert calls == []
 
@@ -116,7 +116,7 @@ def test_zero_kd_weight_step_is_compiled_too():
     task.compile_steps(torch.device("cpu"))
     assert task.baseline_loss is not eager and hasattr(task.baseline_loss, "_torchdynamo_orig_callable")
     images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    logits, terms = task(images, targets, torch.arange(8))
+    logits, terms = task(images, targets, torch.arange(8), torch.zeros(8, dtype=torch.long))
     assert set(terms) == {"ce"} and torch.allclose(logits, eager(images, targets)[0], atol=1e-4)
 
 

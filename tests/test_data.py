@@ -93,7 +93,7 @@ def offsets_and_flips(crops):
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 def test_crop_offsets_and_flips_are_uniform_and_independent(mode):
     gen = torch.Generator().manual_seed(0)
-    crops = random_crop_flip(position_images(18_000), gen, mode=mode)
+    crops, _ = random_crop_flip(position_images(18_000), gen, mode=mode)
     assert crops.shape == (18_000, 3, 32, 32) and crops.dtype == torch.uint8
     offsets, flips = offsets_and_flips(crops)
     assert offsets.min() == 0 and offsets.max() == 8
@@ -108,7 +108,7 @@ def test_crop_offsets_and_flips_are_uniform_and_independent(mode):
 
 def test_padding_is_zero_in_pixel_space_and_images_differ_in_a_batch():
     gen = torch.Generator().manual_seed(1)
-    crops = random_crop_flip(position_images(64), gen)
+    crops, _ = random_crop_flip(position_images(64), gen)
     offsets, flips = offsets_and_flips(crops)
     assert len({tuple(o) for o in offsets.tolist()}) > 20 and 0 < flips.sum() < 64
     for crop, (dy, dx), flip in zip(crops, offsets.tolist(), flips.tolist()):
@@ -125,7 +125,7 @@ def test_reflection_padding_mirrors_the_border_without_repeating_the_edge():
     shows image row k, padded row 31 + k shows row 31 - k; the crop offsets and flips keep their
     meaning."""
     gen = torch.Generator().manual_seed(1)
-    crops = random_crop_flip(position_images(64), gen, mode="reflect")
+    crops, _ = random_crop_flip(position_images(64), gen, mode="reflect")
     offsets, flips = offsets_and_flips(crops)
     assert len({tuple(o) for o in offsets.tolist()}) > 20 and 0 < flips.sum() < 64
 
@@ -155,7 +155,7 @@ def test_training_loader_is_seeded_and_normalises():
 
     def epoch(seed):
         loader = DeviceLoader(images, labels, 32, mean, std, train=True, seed=seed)
-        return [(x.clone(), y.clone()) for x, y, _ in loader]
+        return [(x.clone(), y.clone()) for x, y, *_ in loader]
     a, b, c = epoch(0), epoch(0), epoch(1)
     assert [len(y) for _, y in a] == [32, 32, 32, 4]
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
@@ -197,14 +197,14 @@ def test_training_batches_carry_indices_and_other_class_negatives():
     images, labels = position_images(100), torch.arange(100) % 7  # uneven classes: 15 or 14 images each
     mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
     loader = DeviceLoader(images, labels, 32, mean, std, train=True, seed=0)
-    plain = [(y.clone(), i.clone()) for _, y, i in loader]
+    plain = [(y.clone(), i.clone()) for _, y, i, _ in loader]
     seen = torch.cat([i for _, i in plain])
     assert sorted(seen.tolist()) == list(range(100))  # every sample once per epoch, by its index
     assert all(torch.equal(labels[i], y) for y, i in plain)
 
     loader.add_negatives(50)
     drawn = []
-    for _, y, i in loader:
+    for _, y, i, _ in loader:
         assert i.shape == (len(y), 51) and torch.equal(labels[i[:, 0]], y)
         assert (labels[i[:, 1:]] != y[:, None]).all()  # never the sample's own class
         drawn.append(i[:, 1:])
@@ -214,5 +214,5 @@ def test_training_batches_carry_indices_and_other_class_negatives():
     def negatives(seed):
         again = DeviceLoader(images, labels, 32, mean, std, train=True, seed=seed)
         again.add_negatives(50)
-        return torch.cat([i for _, _, i in again])
+        return torch.cat([i for _, _, i, _ in again])
     assert torch.equal(negatives(3), negatives(3)) and not torch.equal(negatives(3), negatives(4))

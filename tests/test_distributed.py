@@ -35,6 +35,15 @@ def test_both_scripts_run_under_torchrun(cifar10_root, tmp_path):
         ckpt = torch.load(out / "last.pt", weights_only=True)
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
         assert len(open(out / "metrics.csv").readlines()) == 2  # header + one epoch, written once
+    # the teacher cache: process 0 builds it, both read it, and the run ends where the uncached one did
+    out = tmp_path / "st-cached"
+    proc = torchrun("train_kd.py", "--device", "cpu", "--teacher", teacher / "last.pt", "--method", "st",
+                    "--student", "resnet8", "--data-root", cifar10_root, "--output-dir", out, "--epochs", 1,
+                    "--batch-size", 40, "--teacher-cache", "on", "--teacher-cache-dir", tmp_path / "caches")
+    assert proc.stdout.count("teacher cache: building") == 1 and "identical on all 2 processes" in proc.stdout
+    cached, plain = (torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("st-cached", "st"))
+    for name, weight in plain.items():
+        assert torch.allclose(cached[name].double(), weight.double(), rtol=1e-5, atol=1e-7), name
     # a checkpoint written under torchrun is an ordinary teacher for a single process
     run_script("train_kd.py", "--teacher", tmp_path / "st" / "last.pt", "--method", "st", "--student",
                "resnet8", "--data-root", cifar10_root, "--output-dir", tmp_path / "single", "--epochs", 1)

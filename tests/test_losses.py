@@ -292,8 +292,8 @@ def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).train()
     nets = (teacher.network, teacher.folded)
     teacher_before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
-    images, targets_, indices = training_batch(labels, method.negatives_per_sample)
-    _, terms = task(images, targets_, indices)
+    images, targets_, indices, views = training_batch(labels, method.negatives_per_sample)
+    _, terms = task(images, targets_, indices, views)
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values()), terms
     sum(terms.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
@@ -318,7 +318,7 @@ def test_own_step_is_zero_for_identical_networks(name):
     if name == "dml":
         method.peer.load_state_dict(student.state_dict())
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).eval()
-    images, targets_, indices = training_batch(labels, 0)
-    _, terms = task(images, targets_, indices)
+    images, targets_, indices, views = training_batch(labels, 0)
+    _, terms = task(images, targets_, indices, views)
     kd = terms["kd_kl"] if name == "dml" else terms["kd"]
     assert abs(kd.item()) < 1e-6

@@ -100,8 +100,9 @@ def test_report_without_matplotlib_says_so(runs):
 def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     root = tmp_path / "sweep"
     args = ("sweep.py", "--data-root", cifar10_root, "--teacher", "resnet8", "--student", "resnet8", "--methods",
-            "st", "at", "--seeds", 0, 1, "--output-root", root, "--gpus", "--", "--epochs", 1,
-            "--batch-size", 40, "--device", DEVICE)
+            "st", "at", "--seeds", 0, 1, "--output-root", root, "--gpus", "--teacher-cache", "on",
+            "--teacher-cache-dir", tmp_path / "caches", "--", "--epochs", 1, "--batch-size", 40, "--device", DEVICE,
+            "--ce-weight", 1.0)  # a flag of train_kd.py alone: the baseline and teacher runs do not get it
     first = run_script(*args)
     names = sorted(os.listdir(root))
     assert names == sorted(["teacher-resnet8-seed0", "baseline-resnet8-seed0", "baseline-resnet8-seed1",
@@ -109,6 +110,11 @@ def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     assert first.stdout.count("run   ") == 7 and "all runs complete" in first.stdout
     for name in names:
         assert os.path.exists(root / name / "last.pt")
+    logs = {name: open(root / name / "log.txt").read() for name in names}
+    # the first st run builds the teacher cache, the second reads it; at cannot, and was not asked to
+    assert "teacher cache: building" in logs["st-resnet8-seed0"] and "teacher cache: using" in logs["st-resnet8-seed1"]
+    assert "not used: --method at cannot use it" in logs["at-resnet8-seed0"]
+    assert first.stdout.index("st-resnet8-seed0") < first.stdout.index("at-resnet8-seed0")
     os.remove(root / "at-resnet8-seed1" / "metrics.csv")  # an unfinished run is redone
     os.remove(root / "at-resnet8-seed1" / "last.pt")
     second = run_script(*args)
