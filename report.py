@@ -4,11 +4,14 @@
     python report.py RUNS --output results.md --no-plots
 
 A run is any folder below RUNS holding args.json and metrics.csv (written by train_base.py or
-train_kd.py). Runs are grouped by data set, epochs, method ('baseline' for train_base.py), model and teacher; each
-row gives, over its seeds: the last-epoch test top-1, the best-epoch test top-1 (the epoch chosen
-on the validation split when one was held out, else on the test set itself, and the column says
-which), the gain of the last-epoch mean over the same model's baseline, the published number where
-there is one, and the mean wall time per run. Standard deviations are sample ones (n - 1).
+train_kd.py). Runs are grouped by data set, epochs, method ('baseline' for train_base.py; a KD run
+whose weights or method flags differ from the method's defaults is labelled with them, e.g.
+'rkd (kd weight 0.1)'), model and teacher; each row gives, over its seeds: the last-epoch test
+top-1, the best-epoch test top-1 (the epoch chosen on the validation split when one was held out,
+else on the test set itself, and the column says which), the gain of the last-epoch mean over the
+same model's baseline, the published number where there is one (marked as not comparable for runs
+shorter than their data set's recipe, and for a labelled variant), and the mean wall time per run.
+Standard deviations are sample ones (n - 1).
 Plots (test top-1 and training loss per epoch, mean over seeds, one line per row) need matplotlib.
 """
 import argparse
@@ -18,6 +21,9 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+
+from config import RECIPES
+from kd_losses import METHODS, default_hyperparameters, default_weight
 
 # Published test top-1 (%), from docs/published.csv (the seed zoo's README: ResNet-110 -> ResNet-20, single runs;
 # the CRD benchmark: RepDistiller's README, DKD from mdistiller's), keyed by data set, then by
@@ -59,6 +65,18 @@ def read_published(path=PUBLISHED_CSV):
 PUBLISHED = read_published()
 
 
+def variant(args):
+    """What sets a KD run apart from its method's defaults ('kd weight 0.1, T 2'), or ''."""
+    method = args.get("method")
+    if method not in METHODS:
+        return ""
+    defaults = {"kd_weight": default_weight(method, args["dataset"]), "ce_weight": 1.0,
+                **default_hyperparameters(method)}
+    return ", ".join(f"{key.replace('_', ' ')} {args[key]:g}" if isinstance(args[key], float) else
+                     f"{key.replace('_', ' ')} {args[key]}"
+                     for key, default in defaults.items() if key in args and args[key] != default)
+
+
 def read_runs(root):
     """One dict per run folder below root: its args, metrics rows and derived numbers."""
     runs = []
@@ -73,8 +91,9 @@ def read_runs(root):
             continue
         selector = "val_top1" if "val_top1" in rows[0] else "test_top1"
         best = max(rows, key=lambda r: r[selector])  # the first epoch with the highest score
-        runs.append({"folder": folder, "dataset": args["dataset"], "method": args.get("method", "baseline"),
-                     "epochs": args["epochs"],
+        method, changed = args.get("method", "baseline"), variant(args)
+        runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
+                     "label": f"{method} ({changed})" if changed else method, "epochs": args["epochs"],
                      "model": args["model"], "teacher": args.get("teacher_arch"), "seed": args["seed"],
                      "complete": len(rows) >= args["epochs"], "rows": rows, "last": rows[-1]["test_top1"],
                      "best": best["test_top1"], "selected_on": selector[:-5],
@@ -92,20 +111,22 @@ def fmt(mean, std):
 
 
 def summarise(runs):
-    """Rows of the table: one per (data set, epochs, method, model, teacher), baselines first."""
+    """Rows of the table: one per (data set, epochs, method label, model, teacher), baselines first."""
     groups = defaultdict(list)
     for run in runs:
-        groups[(run["dataset"], run["epochs"], run["method"], run["model"], run["teacher"])].append(run)
+        groups[(run["dataset"], run["epochs"], run["label"], run["model"], run["teacher"])].append(run)
     baselines = {(d, epochs, model): mean_std([r["last"] for r in g])[0]
-                 for (d, epochs, method, model, _), g in groups.items() if method == "baseline"}
+                 for (d, epochs, label, model, _), g in groups.items() if label == "baseline"}
     table = []
     order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "baseline"))
-    for (dataset, epochs, method, model, teacher), group in order:
+    for (dataset, epochs, label, model, teacher), group in order:
+        method, changed = group[0]["method"], group[0]["variant"]
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
         base = baselines.get((dataset, epochs, model))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
-        table.append({"dataset": dataset, "epochs": epochs, "method": method, "model": model, "teacher": teacher,
-                      "runs": group,
+        comparable = not changed and epochs >= RECIPES[dataset]["epochs"]
+        table.append({"dataset": dataset, "epochs": epochs, "method": method, "label": label, "model": model,
+                      "teacher": teacher, "runs": group, "comparable": comparable,
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
                       "gain": None if base is None or method == "baseline" else last[0] - base,
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
@@ -124,10 +145,12 @@ def markdown(table):
             published = " / ".join("–" if p is None else f"{p:.2f}" for p in published)
         elif published is not None:
             published = f"{published:.2f}"
+        if published and not row["comparable"]:
+            published += " (not comparable)"
         note = f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""
         gain = "–" if row["gain"] is None else f"{row['gain']:+.2f}"
         lines.append(
-            f"| {row['dataset']} | {row['epochs']} | {row['method']} | {row['model']} | {row['teacher'] or '–'} | "
+            f"| {row['dataset']} | {row['epochs']} | {row['label']} | {row['model']} | {row['teacher'] or '–'} | "
             f"{','.join(map(str, row['seeds']))}{note} | {fmt(*row['last'])} | {fmt(*row['best'])} "
             f"({row['selected_on']}) | {gain} | "
             f"{published or '–'} | {row['seconds'] / 60:.1f} min |")
@@ -145,7 +168,7 @@ def plot(table, folder):
         for row in table:
             epochs = min(len(r["rows"]) for r in row["runs"])
             curve = [statistics.fmean(r["rows"][e][key] for r in row["runs"]) for e in range(epochs)]
-            ax.plot(range(1, epochs + 1), curve, label=f"{row['method']} {row['model']} ({row['dataset']})")
+            ax.plot(range(1, epochs + 1), curve, label=f"{row['label']} {row['model']} ({row['dataset']})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label + ", mean over seeds")
         ax.grid(alpha=0.3)

@@ -9,14 +9,15 @@ import pytest
 
 import report
 from conftest import DEVICE, ROOT, run_script
+from data import load_cifar
 
 
-def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110"):
+def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110", **kd):
     folder = os.path.join(root, name)
     os.makedirs(folder)
     args = {"dataset": dataset, "model": model, "seed": seed, "epochs": len(test_top1)}
     if method != "baseline":
-        args.update(method=method, teacher_arch=teacher)
+        args.update(method=method, teacher_arch=teacher, **kd)
     with open(os.path.join(folder, "args.json"), "w") as f:
         json.dump(args, f)
     with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
@@ -64,6 +65,25 @@ def test_report_means_stds_and_gains(runs):
     assert text.index("| baseline | resnet20") < text.index("| st | resnet20")
 
 
+def test_report_labels_runs_off_their_methods_defaults_and_marks_short_ones(tmp_path):
+    """A run with a scaled-down weight is a row of its own, labelled; a published number beside runs
+    shorter than the recipe, or beside a variant, says it is not comparable."""
+    for seed in (0, 1):
+        fake_run(tmp_path, f"rkd{seed}", "cifar10", "rkd", "resnet20", seed, [40, 50], kd_weight=1.0, w_dist=25.0)
+        fake_run(tmp_path, f"rkd-small{seed}", "cifar10", "rkd", "resnet20", seed, [45, 60], kd_weight=0.1,
+                 w_dist=25.0)
+        fake_run(tmp_path, f"st{seed}", "cifar10", "st", "resnet20", seed, [55] * 200, kd_weight=0.9, ce_weight=0.1,
+                 T=2.0)
+    table = {row["label"]: row for row in report.summarise(report.read_runs(str(tmp_path)))}
+    assert set(table) == {"rkd", "rkd (kd weight 0.1)", "st (kd weight 0.9, ce weight 0.1, T 2)"}
+    assert table["rkd"]["last"][0] == 50 and table["rkd (kd weight 0.1)"]["last"][0] == 60
+    text = report.markdown(list(table.values()))
+    assert "| rkd (kd weight 0.1) | resnet20 | resnet110 | 0,1 | 60.00 ± 0.00 |" in text
+    assert "| 93.21 (not comparable) |" in text  # 2 epochs, not the recipe's 200
+    assert "| 92.82 (not comparable) |" in text  # 200 epochs, but a variant of st
+    assert not table["rkd"]["comparable"] and not table["st (kd weight 0.9, ce weight 0.1, T 2)"]["comparable"]
+
+
 def test_published_numbers_are_per_pair():
     c100 = report.PUBLISHED["cifar100"]
     assert c100[("st", "resnet20", "resnet110")] == (70.06, 70.67)    # seed zoo / CRD benchmark
@@ -71,7 +91,8 @@ def test_published_numbers_are_per_pair():
     assert c100[("crd", "resnet8x4", "resnet32x4")] == (None, 75.51)  # the CRD benchmark only
     assert c100[("baseline", "wrn_16_2", None)] == (None, 73.26)
     assert ("st", "resnet20", "resnet56") not in report.PUBLISHED["cifar10"]
-    row = {"dataset": "cifar100", "epochs": 240, "method": "crd", "model": "resnet8x4", "teacher": "resnet32x4",
+    row = {"dataset": "cifar100", "epochs": 240, "method": "crd", "label": "crd", "comparable": True,
+           "model": "resnet8x4", "teacher": "resnet32x4",
            "seeds": [0], "incomplete": 0, "last": (75.0, None), "best": (75.2, None), "selected_on": "test",
            "gain": 2.5, "published": c100[("crd", "resnet8x4", "resnet32x4")], "seconds": 60}
     assert "| – / 75.51 |" in report.markdown([row])
@@ -121,3 +142,35 @@ def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     assert second.stdout.count("skip  ") == 6 and second.stdout.count("run   ") == 1
     table = report.summarise(report.read_runs(str(root)))
     assert {(row["method"], tuple(row["seeds"])) for row in table} >= {("st", (0, 1)), ("at", (0, 1))}
+
+
+@pytest.mark.slow
+def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
+    """benchmarks/kd_evidence.py on the tiny CIFAR-10 (2 student images per class and batch, 1
+    evaluation image per class): data folders, teacher, sweep, report, official-test table; a rerun
+    skips every step that is done."""
+    work = tmp_path / "work"
+    args = [sys.executable, os.path.join(ROOT, "benchmarks", "kd_evidence.py"), "--cifar10", cifar10_root,
+            "--work", work, "--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", "--epochs", 1,
+            "--seeds", 0, "--methods", "st", "at", "--per-class", 2, "--eval-per-class", 1, "--val-split", 10,
+            "--publish", tmp_path / "published", "--", "--batch-size", 20, "--device", DEVICE]
+    first = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    swept = report.read_runs(str(work / "sweep"))
+    assert {(r["label"], r["seed"]) for r in swept} == {("baseline", 0), ("st", 0), ("at", 0)}
+    train_x, train_y, test_x, test_y = load_cifar("cifar10", str(work / "data" / "students"), download=False)
+    full_x, full_y, official_x, _ = load_cifar("cifar10", cifar10_root, download=False)
+    evaluation = np.loadtxt(work / "data" / "eval_indices.txt", dtype=np.int64)
+    assert len(train_y) == 100 and len(test_y) == len(evaluation) == 10
+    assert (np.asarray(test_x) == np.asarray(full_x)[evaluation]).all()
+    students, evaluated = (set(map(bytes, np.asarray(x).reshape(len(x), -1))) for x in (train_x, test_x))
+    assert not students & evaluated
+    official = open(work / "sweep" / "official_test.md").read()
+    assert f"on the {len(official_x)} official CIFAR-10 test images" in official
+    assert "| st | 1 |" in official and "| baseline | 1 |" in official
+    assert sorted(os.listdir(tmp_path / "published")) == sorted(
+        ["official_test.md", "report.md"] + [p for p in ("test_top1.png", "train_loss.png")
+                                            if os.path.exists(work / "sweep" / p)])
+    again = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "skip  " in again.stdout
+    assert "+ python train_base.py" not in again.stdout  # the teacher is done

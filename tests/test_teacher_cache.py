@@ -146,7 +146,8 @@ def test_auto_builds_only_when_the_run_makes_more_teacher_forwards(teacher, smal
         proc = kd(teacher, small_root, tmp_path / str(epochs), "st", "--epochs", epochs, "--teacher-cache-dir", caches)
         assert bool(cache_files(caches)) == built
         if not built:
-            assert "not built: its 162 x 20 = 3,240 teacher forwards are more than the run's 161 epochs x 20 images" in proc.stdout
+            assert ("not built: its 162 x 20 = 3,240 teacher forwards are more than the run's 161 epochs x 20 "
+                    "images") in proc.stdout
 
 
 def test_methods_declare_whether_they_can_use_the_cache(teacher, small_root, tmp_path):
