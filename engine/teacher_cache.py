@@ -92,6 +92,11 @@ def load_cache(path, key, names):
     return tables
 
 
+def on_device(tables, device):
+    """A loaded file's images x VIEWS x C tables as the (images x VIEWS) x C rows TeacherCache reads."""
+    return {name: t.to(device).flatten(0, 1) for name, t in tables.items()}
+
+
 def memory_available(device):
     """Bytes free for the cache on the device, or None where that cannot be told."""
     if device.type == "cuda":
@@ -170,7 +175,7 @@ def prepare_teacher_cache(cfg, method, teacher, train_loader, epochs_left):
         if not fits(sum(t.nbytes for t in tables.values()), device, asked):
             return None
         log(f"teacher cache: using {path}: the teacher does not run in training")
-        return TeacherCache({name: t.to(device).flatten(0, 1) for name, t in tables.items()}, train_loader.positions)
+        return TeacherCache(on_device(tables, device), train_loader.positions)
 
     images = load_cifar(cfg.dataset, cfg.data_root, download=False)[0]
     build_forwards, run_forwards = VIEWS * len(images), epochs_left * len(train_loader.labels)
@@ -204,5 +209,5 @@ def prepare_teacher_cache(cfg, method, teacher, train_loader, epochs_left):
         if tables is None:
             raise UserError(f"Process 0 built the teacher cache {path}, which this process cannot read: under "
                             f"torchrun every process must see --teacher-cache-dir.")
-        tables = {name: t.to(device).flatten(0, 1) for name, t in tables.items()}
+        tables = on_device(tables, device)
     return TeacherCache(tables, train_loader.positions)
