@@ -125,8 +125,8 @@ def summarise(runs):
         base = baselines.get((dataset, epochs, model))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         comparable = not changed and epochs >= RECIPES[dataset]["epochs"]
-        table.append({"dataset": dataset, "epochs": epochs, "method": method, "label": label, "model": model,
-                      "teacher": teacher, "runs": group, "comparable": comparable,
+        table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": label,
+                      "model": model, "teacher": teacher, "runs": group, "comparable": comparable,
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
                       "gain": None if base is None or method == "baseline" else last[0] - base,
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
@@ -164,11 +164,15 @@ def plot(table, folder):
     import matplotlib.pyplot as plt
     paths = []
     for key, label in (("test_top1", "test top-1 (%)"), ("train_loss", "training loss")):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for row in table:
+        fig, ax = plt.subplots(figsize=(9, 6))
+        colours = plt.get_cmap("tab20").colors  # distinct for up to 20 lines, where the default cycle has 10
+        for i, row in enumerate(table):
             epochs = min(len(r["rows"]) for r in row["runs"])
             curve = [statistics.fmean(r["rows"][e][key] for r in row["runs"]) for e in range(epochs)]
-            ax.plot(range(1, epochs + 1), curve, label=f"{row['label']} {row['model']} ({row['dataset']})")
+            # the baseline stands out; a method's variant (another weight) is dashed
+            style = ({"color": "black", "linewidth": 2.5} if row["method"] == "baseline" else
+                     {"color": colours[i % len(colours)], "linestyle": "--" if row["variant"] else "-"})
+            ax.plot(range(1, epochs + 1), curve, label=f"{row['label']} {row['model']} ({row['dataset']})", **style)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label + ", mean over seeds")
         ax.grid(alpha=0.3)

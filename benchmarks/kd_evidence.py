@@ -16,7 +16,10 @@ enough to tell: the whole experiment, from the official CIFAR-10 files to the re
 2. Teacher: train_base.py on all 50,000 images (--teacher, --teacher-epochs).
 3. Students: sweep.py on students/ with --val-split 500 (the best epoch is chosen on held-out
    training images, never on the evaluation set), the baseline and every --methods, per seed, the
-   teacher cache on for the methods that can read it.
+   teacher cache on for the methods that can read it. --scaled METHOD=WEIGHT adds a run of METHOD
+   with --kd-weight WEIGHT per seed (or per --scaled-seeds): for a method whose default weight, set
+   for 200 epochs on all the data, may dominate so short a run. report.py labels it
+   "METHOD (kd weight WEIGHT)".
 4. report.py on the sweep (table and curves: test top-1 is top-1 on the 10,000 evaluation images),
    and every run's last and best checkpoints evaluated on the official test images
    (WORK/sweep/official_test.md). --publish copies both reports and the plots to a folder.
@@ -41,9 +44,11 @@ import report  # noqa: E402
 from data import DATASETS, DeviceLoader, load_cifar  # noqa: E402
 from engine import evaluate  # noqa: E402
 from engine.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from kd_losses import METHODS  # noqa: E402
 from models import build_model  # noqa: E402
+from sweep import run as sweep_run  # noqa: E402
 
-METHODS = ["st", "at", "fitnet", "nst", "ft", "rkd", "logits", "dkd", "pkt", "sp", "crd"]
+DEFAULT_METHODS = ["st", "at", "fitnet", "nst", "ft", "rkd", "logits", "dkd", "pkt", "sp", "crd"]
 SPEC = DATASETS["cifar10"]
 
 
@@ -57,16 +62,32 @@ def get_args():
     p.add_argument("--student", default="resnet20")
     p.add_argument("--epochs", type=int, default=30, help="the students' epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--per-class", type=int, default=100,
                    help="students' images per class and official training batch (100: cifar10-mini's 5,000)")
     p.add_argument("--eval-per-class", type=int, default=1000, help="evaluation images per class")
     p.add_argument("--val-split", type=int, default=500, help="students' held-out images that choose the best epoch")
+    p.add_argument("--scaled", nargs="+", default=[], metavar="METHOD=WEIGHT", type=scaled_run,
+                   help="also run METHOD with --kd-weight WEIGHT (e.g. rkd=0.1)")
+    p.add_argument("--scaled-seeds", type=int, nargs="+", help="the seeds of those runs (default: --seeds)")
     p.add_argument("--publish", metavar="DIR", help="copy the reports and plots here (e.g. docs/evidence)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: flags for both training scripts")
     args = p.parse_args()
     args.script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     return args
+
+
+def scaled_run(text):
+    """'rkd=0.1' -> ('rkd', 0.1), for --scaled."""
+    method, _, weight = text.partition("=")
+    if method not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {method!r} in {text!r}")
+    try:
+        if float(weight) >= 0:
+            return method, float(weight)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not METHOD=WEIGHT with a weight >= 0, e.g. rkd=0.1")
 
 
 def write_batch(path, images, labels):
@@ -158,6 +179,16 @@ def main():
         "--teacher", args.teacher, "--student", args.student, "--methods", *args.methods, "--seeds", *args.seeds,
         "--output-root", sweep, "--teacher-cache", "on", "--", "--epochs", args.epochs, "--val-split",
         args.val_split, *args.script_args)
+    for method, weight in args.scaled:
+        for seed in args.scaled_seeds or args.seeds:
+            # sweep.run: skipped when complete, resumed when interrupted, as the sweep's own runs
+            status = sweep_run(os.path.join(sweep, f"{method}-kd-weight-{weight:g}-{args.student}-seed{seed}"), [
+                str(item) for item in ["train_kd.py", "--teacher", os.path.join(teacher, "last.pt"), "--student", args.student,
+                "--method", method, "--kd-weight", weight, "--seed", seed, "--data-root", students_root,
+                "--teacher-cache", "auto", "--epochs", args.epochs, "--val-split", args.val_split,
+                *args.script_args]])
+            if status != 0:
+                sys.exit(f"error: the run of {method} with --kd-weight {weight:g}, seed {seed}, failed.")
     run("report.py", sweep)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     official = official_test(sweep, official_root, device)

@@ -147,17 +147,18 @@ def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
 @pytest.mark.slow
 def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     """benchmarks/kd_evidence.py on the tiny CIFAR-10 (2 student images per class and batch, 1
-    evaluation image per class): data folders, teacher, sweep, report, official-test table; a rerun
-    skips every step that is done."""
+    evaluation image per class): data folders, teacher, sweep, a run with a scaled KD weight,
+    report, official-test table; a rerun skips every step that is done."""
     work = tmp_path / "work"
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "kd_evidence.py"), "--cifar10", cifar10_root,
             "--work", work, "--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", "--epochs", 1,
             "--seeds", 0, "--methods", "st", "at", "--per-class", 2, "--eval-per-class", 1, "--val-split", 10,
-            "--publish", tmp_path / "published", "--", "--batch-size", 20, "--device", DEVICE]
+            "--scaled", "st=0.5", "--publish", tmp_path / "published", "--", "--batch-size", 20, "--device", DEVICE]
     first = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     swept = report.read_runs(str(work / "sweep"))
-    assert {(r["label"], r["seed"]) for r in swept} == {("baseline", 0), ("st", 0), ("at", 0)}
+    assert {(r["label"], r["seed"]) for r in swept} == {("baseline", 0), ("st", 0), ("at", 0),
+                                                         ("st (kd weight 0.5)", 0)}
     train_x, train_y, test_x, test_y = load_cifar("cifar10", str(work / "data" / "students"), download=False)
     full_x, full_y, official_x, _ = load_cifar("cifar10", cifar10_root, download=False)
     evaluation = np.loadtxt(work / "data" / "eval_indices.txt", dtype=np.int64)
@@ -167,7 +168,7 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     assert not students & evaluated
     official = open(work / "sweep" / "official_test.md").read()
     assert f"on the {len(official_x)} official CIFAR-10 test images" in official
-    assert "| st | 1 |" in official and "| baseline | 1 |" in official
+    assert "| st | 1 |" in official and "| baseline | 1 |" in official and "| st (kd weight 0.5) | 1 |" in official
     assert sorted(os.listdir(tmp_path / "published")) == sorted(
         ["official_test.md", "report.md"] + [p for p in ("test_top1.png", "train_loss.png")
                                             if os.path.exists(work / "sweep" / p)])
