@@ -11,7 +11,6 @@ Where a value comes from, first match wins:
 Every parser default is None, so a flag that is not None was typed: no second parse is needed.
 """
 import argparse
-import hashlib
 import os
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from data import DATASETS, PADDINGS
 from kd_losses import METHODS, default_hyperparameters, default_weight
 from models import MODELS, SHORTCUTS
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import file_sha256, import_teacher, load_checkpoint
 from utils import UserError, fraction, log, non_negative, positive
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +88,11 @@ def get_args_parser(script):
                      "Train a CIFAR network with cross-entropy (a teacher, or a baseline student)."),
         allow_abbrev=False)
     if kd:
-        parser.add_argument("--teacher", required=True, help="checkpoint written by train_base.py")
+        parser.add_argument("--teacher", required=True, help="checkpoint written by train_base.py (or by "
+                            "RepDistiller or mdistiller, with --teacher-arch)")
+        parser.add_argument("--teacher-arch", choices=list(MODELS), help="the architecture of a --teacher written "
+                            "by RepDistiller or mdistiller, converted once into ours (NAME.kdzoo.pt beside it); "
+                            "needs --dataset")
         parser.add_argument("--method", choices=list(METHODS), required=True, help="KD method (docs/methods.md)")
     parser.add_argument("--dataset", choices=list(DATASETS),
                         help="data set (default: " + ("the teacher's)" if kd else "cifar10)"))
@@ -188,12 +191,15 @@ def add_method_flags(parser):
 
 def resolve(args, script):
     """(Config, resume) from parsed flags: resume is (checkpoint, path) of the last.pt to continue,
-    or None. Every check that needs no data or network happens here, before anything is written."""
+    or None. Every check that needs no data or network happens here, before anything is written
+    (but a --teacher-arch teacher's conversion, which is written beside its source once checked)."""
     typed = {key: value for key, value in vars(args).items() if value is not None}
     values = {key: value for key, value in DEFAULTS.items() if script == "kd" or key not in KD_ONLY}
     values.update(typed)
     if script == "kd":
         refuse_other_methods_flags(values["method"], typed)
+        if "teacher_arch" in typed:
+            typed["teacher"] = values["teacher"] = imported_teacher(values["teacher"], typed["teacher_arch"], typed.get("dataset"))
         values.update(teacher_fields(values["teacher"], typed.get("dataset")))
     values = {key: value for key, value in values.items() if not is_method_flag(key)}
     if values["output_dir"] is None:
@@ -236,6 +242,14 @@ def teacher_fields(path, dataset):
         raise UserError(f"The teacher {path} has {ckpt['num_classes']} classes but "
                         f"{dataset} has {DATASETS[dataset].num_classes}.")
     return {"dataset": dataset, "teacher_arch": ckpt["arch"]}
+
+
+def imported_teacher(path, arch, dataset):
+    """--teacher-arch: the path of a RepDistiller/mdistiller teacher converted into our checkpoint format."""
+    if dataset is None:
+        raise UserError("--teacher-arch needs --dataset: a RepDistiller or mdistiller checkpoint does not record "
+                        "its data set.")
+    return import_teacher(path, arch, dataset, DATASETS[dataset].num_classes)
 
 
 def recipe_values(dataset, typed):
@@ -296,11 +310,6 @@ def speed_values(values):
         if not supported:
             raise UserError(f"--amp bf16 needs bf16 support, which this {device.upper()} lacks; use --amp off.")
     return {"amp": amp, "channels_last": channels_last}
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def find_resume(resume, output_dir, script):

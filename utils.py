@@ -104,7 +104,7 @@ def fraction(text):
 def write_atomic(path, write, mode="w"):
     """write(file) into a temporary file beside `path`, fsync, then rename: a crash, a full disk or
     Ctrl-C leaves the previous file whole and no temporary file, and a failed write is one clear error."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # one per process: torchrun's processes may write the same file
     try:
         with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
             write(f)

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from models import build_model
+from models.imported import to_our_state_dict
 from utils import UserError, barrier, is_main, log, write_atomic
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
@@ -34,6 +36,47 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by train_base.py or train_kd.py.")
     return ckpt
+
+
+def import_teacher(path, arch, dataset, num_classes):
+    """A teacher checkpoint written by RepDistiller or mdistiller (a dict whose "model" entry is the
+    state dict of their network `arch`; the file records neither the architecture nor the data set)
+    converted once into ours, saved beside it as <name>.kdzoo.pt and reused while the source's
+    contents are unchanged. Returns the path of the converted checkpoint."""
+    if not os.path.isfile(path):
+        raise UserError(f"Checkpoint {path} does not exist.")
+    converted = os.path.splitext(path)[0] + ".kdzoo.pt"
+    source_sha256 = file_sha256(path)
+    if os.path.isfile(converted):
+        ckpt = load_checkpoint(converted)
+        if ckpt.get("imported_from", {}).get("sha256") == source_sha256 and ckpt["arch"] == arch \
+                and ckpt["dataset"] == dataset:
+            log(f"--teacher-arch: reusing {converted}, converted earlier from {path}")
+            return converted
+    try:  # weights_only: their files hold tensors and numbers only, and nothing else is accepted
+        theirs = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a loadable checkpoint ({first_line}).") from None
+    if isinstance(theirs, dict) and theirs.get("format") == CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is this project's checkpoint, which records its architecture; drop --teacher-arch.")
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("model"), dict):
+        raise UserError(f"{path} has no 'model' entry holding a state dict, as RepDistiller's and mdistiller's "
+                        f"checkpoints do.")
+    model = build_model(arch, num_classes)
+    model.load_state_dict(to_our_state_dict(arch, theirs["model"], model, path), strict=False)
+    recorded = {k: float(theirs[k]) for k in ("epoch", "best_acc") if k in theirs}  # their own log of the run
+    save_atomic({"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": num_classes, "shortcut": "projection",
+                 "dataset": dataset, "model": model.state_dict(),
+                 "imported_from": {"path": path, "sha256": source_sha256, **recorded}}, converted)
+    log(f"--teacher-arch: converted {path} (a RepDistiller/mdistiller {arch}"
+        + "".join(f", {k} {v:g}" for k, v in recorded.items()) + f" as recorded in it) to {converted}")
+    return converted
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def unwrap(module):

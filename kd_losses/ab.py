@@ -15,9 +15,9 @@ def activation_boundary_loss(s, t, margin):
 
 @register("ab")
 class ActivationBoundaries(KDMethod):
-    """Activation boundary loss (see activation_boundary_loss) on the three pre-ReLU stage outputs,
-    averaged over the stages; where the widths differ, a 1x1 conv + BN connector maps the student's
-    channels to the teacher's.
+    """Activation boundary loss (see activation_boundary_loss) on every pre-ReLU stage output,
+    averaged over the stages; where the shapes differ, a connector maps the student's to the
+    teacher's (the connector rule).
 
     As in the seed zoo the loss is used only in a stage run alone before training (the student
     and the connectors learn it for ab_epochs epochs, weighted by ab_stage_weight); training proper
@@ -26,7 +26,7 @@ class ActivationBoundaries(KDMethod):
     paper = ("Heo et al. 2019, Knowledge Transfer via Distillation of Activation Boundaries "
              "Formed by Hidden Neurons")
     summary = ("squared hinge that puts each pre-ReLU response on the teacher's side of 0 with margin m, averaged "
-               "over 3 stages; connector where widths differ")
+               "over the stages; connector where shapes differ")
     weight_source = "seed zoo; cross-entropy only after the stage"
     stage = "the student (and connectors) learns the AB loss alone, 50 epochs"
     deviations = ("margin 2 and element mean (seed zoo; the paper and RepDistiller: margin 1, sum / batch / 1000 "
@@ -42,7 +42,7 @@ class ActivationBoundaries(KDMethod):
     def __init__(self, student_shapes, teacher_shapes, ab_margin, ab_epochs, ab_lr, ab_stage_weight):
         super().__init__(student_shapes, teacher_shapes)
         self.margin, self.epochs, self.lr, self.stage_weight = ab_margin, ab_epochs, ab_lr, ab_stage_weight
-        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in PRE_RELU_STAGES})
+        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in self.stages})
 
     def train_stage(self, student, teacher, batches):
         """Trains the student (and the connectors) on the AB loss alone; see stage.train_student_alone."""
@@ -50,5 +50,5 @@ class ActivationBoundaries(KDMethod):
 
     def forward(self, student, teacher, targets):
         losses = [activation_boundary_loss(self.connectors[k](student[k]).float(), teacher[k].float(), self.margin)
-                  for k in PRE_RELU_STAGES]
+                  for k in self.stages]
         return sum(losses) / len(losses)

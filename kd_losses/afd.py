@@ -27,7 +27,7 @@ def unit_channels(feature):
 class AttentiveFeatureDistillation(KDMethod):
     """Channel-weighted distance between the student's and the teacher's stage outputs (post-ReLU):
     each channel's map is L2-normalised, the squared difference averaged over its H x W positions,
-    and the channels summed with weights rho; mean over the batch, averaged over the three stages.
+    and the channels summed with weights rho; mean over the batch, averaged over the stages.
     rho = sigmoid(SE block(global average pool of the teacher's feature)), divided by its sum over
     the channels, per sample; the SE block (hidden channels = afd_att_f x channels) learns with
     the student. This is the seed zoo's version: it replaced the paper's attention, which it found
@@ -36,7 +36,7 @@ class AttentiveFeatureDistillation(KDMethod):
 
     paper = "Wang et al. 2020, Pay Attention to Features, Transfer Learn Faster CNNs"
     summary = ("channel-attention-weighted MSE of per-channel-normalised maps, attention from an SE block on the "
-               "teacher's map, averaged over 3 stages")
+               "teacher's map, averaged over the stages")
     weight_source = "seed zoo"
     deviations = ("the seed zoo's SE-block attention, not the paper's (the seed zoo found it unstable); connector "
                   "where widths differ")
@@ -46,15 +46,15 @@ class AttentiveFeatureDistillation(KDMethod):
 
     def __init__(self, student_shapes, teacher_shapes, afd_att_f):
         super().__init__(student_shapes, teacher_shapes)
-        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in STAGES})
+        self.connectors = nn.ModuleDict({k: connector(student_shapes[k], teacher_shapes[k]) for k in self.stages})
         self.attentions = nn.ModuleDict()
-        for name in STAGES:
+        for name in self.stages:
             channels = teacher_shapes[name][0]
             self.attentions[name] = channel_attention(channels, max(1, int(channels * afd_att_f)))
 
     def forward(self, student, teacher, targets):
         losses = []
-        for name in STAGES:
+        for name in self.stages:
             s, t = self.connectors[name](student[name]).float(), teacher[name].float()
             rho = torch.sigmoid(self.attentions[name](F.adaptive_avg_pool2d(t, 1)).flatten(1).float())
             rho = rho / rho.sum(dim=1, keepdim=True)

@@ -1,6 +1,6 @@
 import torch.nn.functional as F
 
-from .base import STAGES, KDMethod, register
+from .base import STAGES, KDMethod, register, same_size
 
 
 def attention_map(feature, p):
@@ -10,12 +10,13 @@ def attention_map(feature, p):
 
 @register("at")
 class AttentionTransfer(KDMethod):
-    """Mean squared difference of normalised attention maps of the three stage outputs, averaged.
+    """Mean squared difference of normalised attention maps of every stage output, averaged; where
+    the two maps differ in size, the larger is average-pooled to the smaller first (RepDistiller).
 
     As in the seed zoo, the map is the channel sum of |f|^p (the paper's F_sum^p), not a mean."""
 
     paper = "Zagoruyko & Komodakis 2017, Paying More Attention to Attention"
-    summary = "MSE of per-sample L2-normalised attention maps (channel sum of `|f|^p`), averaged over 3 stages"
+    summary = "MSE of per-sample L2-normalised attention maps (channel sum of `|f|^p`), averaged over the stages"
     weight_source = "seed zoo"
     deviations = "channel *sum* of `|f|^2` (seed zoo)"
     features = STAGES
@@ -24,12 +25,11 @@ class AttentionTransfer(KDMethod):
 
     def __init__(self, student_shapes, teacher_shapes, p):
         super().__init__(student_shapes, teacher_shapes)
-        for name in STAGES:
-            if student_shapes[name][1:] != teacher_shapes[name][1:]:
-                raise ValueError(f"AT needs equal spatial sizes, got {student_shapes[name]} and "
-                                 f"{teacher_shapes[name]} at {name}")
         self.p = p
 
     def forward(self, student, teacher, targets):
-        losses = [F.mse_loss(attention_map(student[k], self.p), attention_map(teacher[k], self.p)) for k in STAGES]
+        losses = []
+        for name in self.stages:
+            s, t = same_size(student[name], teacher[name])
+            losses.append(F.mse_loss(attention_map(s, self.p), attention_map(t, self.p)))
         return sum(losses) / len(losses)

@@ -16,13 +16,22 @@ Most methods need nothing else. The hooks below are for the few that do; each ha
   train_stage(student, teacher, batches)  a stage run alone before training (has_stage = True),
       with kd_losses.stage.train_stage, the one stage loop
 """
+import re
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 METHODS = {}
-# the stage outputs every model exposes (see models/resnet.py), after and before their last ReLU
-STAGES = ("stage1", "stage2", "stage3")
-PRE_RELU_STAGES = ("stage1_pre", "stage2_pre", "stage3_pre")
+# Names a method's `features` may hold besides a network's own keys ('stem', 'pool'): they stand for
+# stage outputs, which differ in number between networks (3 in a ResNet, 4 in a VGG), and each
+# method instance resolves them for its pair (resolve_features): every stage output after its ReLU,
+# the same before it, the last stage and the one before it.
+STAGES = ("stages",)
+PRE_RELU_STAGES = ("stages_pre",)
+LAST_STAGE, SECOND_LAST_STAGE = "stage-1", "stage-2"
+STAGE_WORDS = {"stages": "stages", "stages_pre": "pre-ReLU stages", LAST_STAGE: "last stage",
+               SECOND_LAST_STAGE: "stage before the last"}
 # the teacher outputs small enough per image to keep for every augmented view (engine/teacher_cache.py)
 CACHED_OUTPUTS = ("logits", "pool")
 
@@ -60,14 +69,18 @@ class KDMethod(nn.Module):
             return "it runs the teacher itself"
         if not cls.reads_teacher:
             return "it reads no teacher outputs"
-        uncached = [name for name in cls.features if name not in CACHED_OUTPUTS]
+        uncached = [STAGE_WORDS.get(name, name) for name in cls.features if name not in CACHED_OUTPUTS]
         if uncached:
             return f"it reads the teacher's {', '.join(uncached)}, and only {' and '.join(CACHED_OUTPUTS)} are cached"
         return ""
 
     def __init__(self, student_shapes, teacher_shapes, **hparams):
-        """student_shapes/teacher_shapes: feature name -> shape of one sample, e.g. (64, 8, 8)."""
+        """student_shapes/teacher_shapes: feature name -> shape of one sample, e.g. (64, 8, 8).
+        Sets self.features to the feature names this pair's networks give (resolve_features) and
+        self.stages to the stage outputs among them."""
         super().__init__()
+        self.features = resolve_features(type(self).features, student_shapes, teacher_shapes, self.name)
+        self.stages = tuple(name for name in self.features if name.startswith("stage"))
 
     def attach(self, student, teacher, train_labels):
         """Called once before training with the student, the engine.Teacher and the training labels.
@@ -100,23 +113,75 @@ class KDMethod(nn.Module):
         raise NotImplementedError
 
 
+def stage_names(shapes):
+    """The network's stage outputs after their ReLU, in order: ('stage1', 'stage2', 'stage3', ...);
+    named also where `shapes` hold only their pre-ReLU versions."""
+    numbers = {int(match.group(1)) for match in (re.fullmatch(r"stage(\d+)(_pre)?", name) for name in shapes) if match}
+    return tuple(f"stage{number}" for number in sorted(numbers))
+
+
+def resolve_features(names, student_shapes, teacher_shapes, method):
+    """`names` (a method's `features`) with STAGES, PRE_RELU_STAGES, LAST_STAGE and SECOND_LAST_STAGE
+    replaced by the pair's stage names. A method that reads stages compares them one to one, so the
+    two networks must have as many; ValueError otherwise."""
+    student_stages, teacher_stages = stage_names(student_shapes), stage_names(teacher_shapes)
+    reads_stages = any(name in STAGES + PRE_RELU_STAGES + (LAST_STAGE, SECOND_LAST_STAGE) for name in names)
+    if reads_stages and len(student_stages) != len(teacher_stages):
+        raise ValueError(f"{method} compares the two networks stage by stage, and the student has "
+                         f"{len(student_stages)} stages where the teacher has {len(teacher_stages)}")
+    resolved = []
+    for name in names:
+        if name in STAGES:
+            resolved += student_stages
+        elif name in PRE_RELU_STAGES:
+            resolved += [f"{stage}_pre" for stage in student_stages]
+        elif name in (LAST_STAGE, SECOND_LAST_STAGE):
+            resolved.append(student_stages[int(name[5:])])
+        else:
+            resolved.append(name)
+    return tuple(resolved)
+
+
+def same_size(student, teacher):
+    """The two feature maps with the larger one average-pooled to the smaller's spatial size, as
+    RepDistiller does for the methods that compare maps position by position across networks."""
+    size_s, size_t = student.shape[-2:], teacher.shape[-2:]
+    if size_s[0] > size_t[0]:
+        student = F.adaptive_avg_pool2d(student, size_t)
+    elif size_t[0] > size_s[0]:
+        teacher = F.adaptive_avg_pool2d(teacher, size_s)
+    return student, teacher
+
+
 def as_float(tensors):
     return {name: value.float() for name, value in tensors.items()}
 
 
 def connector(student_shape, teacher_shape):
     """The connector rule, for methods that compare student and teacher features element-wise:
-    nothing where the shapes match; where only the channel counts differ, a 1x1 conv + BN on the
-    student's side (a linear layer + BN for pooled vectors); different spatial sizes are an error."""
+    nothing where the shapes match; otherwise a layer + BN on the student's side that maps its shape
+    to the teacher's: for pooled vectors a linear layer; for maps of the same size a 1x1 conv, and
+    across sizes RepDistiller's rule: a 3x3 stride-2 conv from twice the teacher's size, a 4x4
+    stride-2 transposed conv from half of it, a (1 + s - t)-wide conv from any larger size s. A
+    smaller size other than half is an error."""
     if tuple(student_shape) == tuple(teacher_shape):
         return nn.Identity()
-    if tuple(student_shape[1:]) != tuple(teacher_shape[1:]):
-        raise ValueError(f"student features {tuple(student_shape)} and teacher features "
-                         f"{tuple(teacher_shape)} differ in spatial size")
     c_s, c_t = student_shape[0], teacher_shape[0]
     if len(student_shape) == 1:
         return nn.Sequential(nn.Linear(c_s, c_t, bias=False), nn.BatchNorm1d(c_t))
-    return nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
+    s, t = student_shape[1], teacher_shape[1]
+    if s == t:
+        layer = nn.Conv2d(c_s, c_t, 1, bias=False)
+    elif s == 2 * t:
+        layer = nn.Conv2d(c_s, c_t, 3, 2, 1, bias=False)
+    elif 2 * s == t:
+        layer = nn.ConvTranspose2d(c_s, c_t, 4, 2, 1, bias=False)
+    elif s > t:
+        layer = nn.Conv2d(c_s, c_t, 1 + s - t, bias=False)
+    else:
+        raise ValueError(f"no connector maps student features {tuple(student_shape)} to teacher features "
+                         f"{tuple(teacher_shape)}: the student's map is smaller, and not half the teacher's")
+    return nn.Sequential(layer, nn.BatchNorm2d(c_t))
 
 
 def conv_bn_lrelu(in_channels, out_channels, transposed=False):

@@ -18,6 +18,30 @@ def memory_scores(anchors, memory, indices):
         return (anchors.float() @ memory.clone().t()).gather(1, indices)
 
 
+def gather_rows(tensor, sizes):
+    """Every process's `tensor` (first dimension sizes[rank]) concatenated in rank order. gloo gathers
+    equal shapes only, and the local batches differ by a row where the global batch does not split
+    evenly, so each is padded to the largest and cut back after."""
+    padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
+    padded[:len(tensor)] = tensor
+    gathered = tensor.new_empty(len(sizes) * max(sizes), *tensor.shape[1:])
+    dist.all_gather_into_tensor(gathered, padded)
+    return torch.cat([part[:n] for part, n in zip(gathered.chunk(len(sizes)), sizes)])
+
+
+def global_batch(own, embeddings, log_sum):
+    """Under torchrun, from each process's slice of the global batch: the whole batch's own indices
+    and embeddings, in the single-process order (data.DeviceLoader gives the processes contiguous
+    slices in rank order), the log-sum-exp of its scores per term (log_sum: the local one) and its size."""
+    local = torch.cat([log_sum.double(), log_sum.new_tensor([len(own)], dtype=torch.float64)])
+    every = local.new_empty(dist.get_world_size() * len(local))
+    dist.all_gather_into_tensor(every, local)
+    every = every.view(-1, len(local))
+    sizes = every[:, -1].long().tolist()  # on the host (a synchronisation): the gathers' shapes
+    log_sum = every[:, :-1].logsumexp(0).to(log_sum.dtype)
+    return gather_rows(own, sizes), gather_rows(embeddings, sizes), log_sum, sum(sizes)
+
+
 @register("crd")
 class ContrastiveRepresentationDistillation(KDMethod):
     """NCE loss between embeddings of the pooled vectors and two memory banks of the training set.
@@ -34,6 +58,11 @@ class ContrastiveRepresentationDistillation(KDMethod):
     mean of exp(a . M_i / T) over its scores, then kept fixed (buffers, so checkpointed). After the
     loss is computed, each bank's rows of the batch's own samples become
     normalise(momentum * row + (1 - momentum) * embedding), outside the autograd graph.
+
+    Under torchrun every process holds both banks whole: the processes gather each other's
+    indices and embeddings (without gradients), and each updates its banks, and estimates Z, from
+    the whole global batch, so that the banks stay identical on all processes and equal a single
+    process's. The loss itself is each process's mean over its own slice (see forward).
 
     The loader supplies the indices: column 0 the sample itself, columns 1..K other-class samples
     (RepDistiller's 'exact' mode). The banks are sized in attach() from the training labels."""
@@ -61,8 +90,6 @@ class ContrastiveRepresentationDistillation(KDMethod):
         self.embed_teacher = nn.Linear(teacher_shapes["pool"][0], crd_feat_dim)
 
     def attach(self, student, teacher, train_labels):
-        if dist.is_available() and dist.is_initialized():
-            raise ValueError("CRD's memory bank is not shared across torchrun processes yet")
         size, device = len(train_labels), train_labels.device
         bound = math.sqrt(3 / self.feat_dim)  # rows of norm about 1, as RepDistiller initialises them
         for name in ("student_memory", "teacher_memory"):
@@ -85,8 +112,12 @@ class ContrastiveRepresentationDistillation(KDMethod):
                               memory_scores(emb_t, self.student_memory, indices)]) / self.T  # 2 x N x (1 + K)
         size = len(self.student_memory)
         with torch.no_grad():
-            # a branch-free "estimate once": no host synchronisation at any step
-            first_estimate = logits.flatten(1).logsumexp(1) - math.log(logits[0].numel()) + math.log(size)
+            own, embeddings, batch = indices[:, 0], torch.cat([emb_s, emb_t], 1), len(indices)
+            log_sum = logits.flatten(1).logsumexp(1)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                own, embeddings, log_sum, batch = global_batch(own, embeddings, log_sum)
+            # a branch-free "estimate once": no host synchronisation at any step in a single process
+            first_estimate = log_sum - math.log(batch * indices.shape[1]) + math.log(size)
             self.log_z.copy_(torch.where(self.z_estimated, self.log_z, first_estimate))
             self.z_estimated.fill_(True)
         log_p = logits - self.log_z[:, None, None]
@@ -94,9 +125,11 @@ class ContrastiveRepresentationDistillation(KDMethod):
         # log(P / (P + c)) = logsigmoid(log P - log c), log(c / (P + c)) = logsigmoid(log c - log P)
         positive = F.logsigmoid(log_p[:, :, 0] - log_noise).sum()
         negative = F.logsigmoid(log_noise - log_p[:, :, 1:]).sum()
+        # the mean over this process's samples: with equal slices, DDP's average of the processes'
+        # gradients is the gradient of the mean over the global batch
         loss = -(positive + negative) / len(indices)
-        self._update_memory(self.student_memory, indices[:, 0], emb_s)
-        self._update_memory(self.teacher_memory, indices[:, 0], emb_t)
+        self._update_memory(self.student_memory, own, embeddings[:, :self.feat_dim])
+        self._update_memory(self.teacher_memory, own, embeddings[:, self.feat_dim:])
         return loss
 
     @torch.no_grad()

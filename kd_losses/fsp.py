@@ -1,9 +1,7 @@
 import torch.nn.functional as F
 
-from .base import KDMethod, register
+from .base import STAGES, KDMethod, register
 from .stage import train_student_alone
-
-PAIRS = (("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3"))
 
 
 def fsp_matrix(first, second):
@@ -21,8 +19,8 @@ def fsp_matrix(first, second):
 @register("fsp")
 class FlowOfSolutionProcedure(KDMethod):
     """Mean squared difference of the student's and the teacher's FSP matrices (see fsp_matrix)
-    between consecutive features (stem -> stage1, stage1 -> stage2, stage2 -> stage3, post-ReLU),
-    averaged over the three pairs. The matrices are compared entry by entry, so student and teacher
+    between consecutive features (stem -> stage1, stage1 -> stage2, ..., post-ReLU), averaged over
+    the pairs. The matrices are compared entry by entry, so student and teacher
     need equal channel counts; there is no connector (the paper has none).
 
     As in the seed zoo (and the paper's first stage) the loss is used only in a stage run alone
@@ -31,13 +29,13 @@ class FlowOfSolutionProcedure(KDMethod):
 
     paper = ("Yim et al. 2017, A Gift from Knowledge Distillation: Fast Optimization, Network "
              "Minimization and Transfer Learning")
-    summary = ("MSE of FSP (Gram) matrices of consecutive stages (`/HW`, the larger map pooled), averaged over 3 "
+    summary = ("MSE of FSP (Gram) matrices of consecutive stages (`/HW`, the larger map pooled), averaged over the "
                "pairs; channel counts must match pair by pair (no connector)")
     weight_source = "seed zoo, RepDistiller; cross-entropy only after the stage"
     stage = ("the student learns the FSP loss alone for 50 epochs (SGD, lr x0.1 after 60 % and 80 %: the seed "
              "zoo's 30/10/10 epochs)")
     deviations = "stage of 50 epochs (seed zoo; RepDistiller 30)"
-    features = ("stem", "stage1", "stage2", "stage3")
+    features = ("stem", *STAGES)
     default_weight = 0.0
     has_stage = True
     hyperparameters = {"fsp_epochs": (50, "epochs of the stage that trains the student on the FSP loss alone"),
@@ -58,5 +56,6 @@ class FlowOfSolutionProcedure(KDMethod):
 
     def forward(self, student, teacher, targets):
         losses = [F.mse_loss(fsp_matrix(student[a].float(), student[b].float()),
-                             fsp_matrix(teacher[a].float(), teacher[b].float())) for a, b in PAIRS]
+                             fsp_matrix(teacher[a].float(), teacher[b].float()))
+                  for a, b in zip(self.features, self.features[1:])]
         return sum(losses) / len(losses)

@@ -2,7 +2,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KDMethod, conv_bn_lrelu, register
+from .base import LAST_STAGE, KDMethod, conv_bn_lrelu, register, same_size
 from .stage import train_stage
 
 
@@ -11,14 +11,15 @@ class FactorTransfer(KDMethod):
     """L1 distance between the student's and the teacher's factors, each flattened per sample and
     L2-normalised. The teacher's factor is the encoder of a paraphraser trained first, alone, to
     reconstruct the teacher's last stage output; the student's comes from a translator trained
-    with it. BN is kept in both on CIFAR-10 and CIFAR-100 alike."""
+    with it. Where the two factors differ in size, the larger is average-pooled to the smaller
+    (RepDistiller). BN is kept in both on CIFAR-10 and CIFAR-100 alike."""
 
     paper = "Kim et al. 2018, Paraphrasing Complex Network: Network Compression via Factor Transfer"
     summary = "L1 between L2-normalised factors of a translator (student) and a pre-trained paraphraser (teacher)"
     weight_source = "seed zoo"
-    stage = "the paraphraser learns to reconstruct the teacher's `stage3`, 30 epochs"
+    stage = "the paraphraser learns to reconstruct the teacher's last stage output, 30 epochs"
     deviations = "BN kept on CIFAR-100 too (the seed zoo drops it there)"
-    features = ("stage3",)
+    features = (LAST_STAGE,)
     default_weight = 200.0
     has_stage = True
     hyperparameters = {"ft_k": (0.5, "paraphrase rate: factor channels = k x teacher channels"),
@@ -27,7 +28,8 @@ class FactorTransfer(KDMethod):
 
     def __init__(self, student_shapes, teacher_shapes, ft_k, ft_epochs, ft_lr):
         super().__init__(student_shapes, teacher_shapes)
-        c_s, c_t = student_shapes["stage3"][0], teacher_shapes["stage3"][0]
+        self.stage_name = self.stages[0]
+        c_s, c_t = student_shapes[self.stage_name][0], teacher_shapes[self.stage_name][0]
         factor = max(1, round(c_t * ft_k))
         self.epochs, self.lr = ft_epochs, ft_lr
         self.translator = nn.Sequential(conv_bn_lrelu(c_s, c_s), conv_bn_lrelu(c_s, factor),
@@ -53,7 +55,7 @@ class FactorTransfer(KDMethod):
         self.paraphraser.train()
 
         def reconstruction_error(images):
-            target = teacher.outputs(images, ("stage3",))["stage3"].float()
+            target = teacher.outputs(images, self.stages)[self.stage_name].float()
             return F.mse_loss(self.paraphraser["decoder"](self.paraphraser["encoder"](target)).float(), target)
         train_stage("ft", list(self.paraphraser.parameters()), reconstruction_error, batches, self.epochs, self.lr,
                     teacher.amp, lr_steps=False, nesterov=False, what="paraphraser reconstruction mse")
@@ -62,7 +64,7 @@ class FactorTransfer(KDMethod):
 
     def forward(self, student, teacher, targets):
         with torch.no_grad():
-            factor_t = self.paraphraser["encoder"](teacher["stage3"])
-        factor_s = self.translator(student["stage3"])
+            factor_t = self.paraphraser["encoder"](teacher[self.stage_name])
+        factor_s, factor_t = same_size(self.translator(student[self.stage_name]), factor_t)
         return F.l1_loss(F.normalize(factor_s.float().flatten(1), dim=1),
                          F.normalize(factor_t.float().flatten(1), dim=1))

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .base import PRE_RELU_STAGES, KDMethod, register
+from .base import PRE_RELU_STAGES, KDMethod, connector, register
 
 
 def negative_response_margin(bn):
@@ -23,45 +23,48 @@ def negative_response_margin(bn):
 @register("ofd")
 class OverhaulFeatureDistillation(KDMethod):
     """Partial L2 between the student's pre-ReLU stage outputs, through a 1x1 conv + BN connector
-    (always, as in the paper), and the teacher's, each raised to at least a per-channel margin:
+    (always, as in the paper; across spatial sizes the connector rule's conv + BN), and the teacher's, each raised to at least a per-channel margin:
     target = max(t, margin), squared difference counted only where s > target or target > 0 (a
     student already below a negative target is not pushed), mean over all elements, averaged over
-    the three stages. The margin is the expected negative response of the teacher channel, computed
+    the stages. The margin is the expected negative response of the teacher channel, computed
     from the BN that produces it (negative_response_margin) when attach() reads the teacher; until
     then it is 0."""
 
     paper = "Heo et al. 2019, A Comprehensive Overhaul of Feature Distillation"
     summary = ("partial L2 between the student's pre-ReLU outputs through a 1x1 conv + BN connector and the "
-               "teacher's, raised to a per-channel margin from the teacher's BN statistics, averaged over 3 stages")
+               "teacher's, raised to a per-channel margin from the teacher's BN statistics, averaged over the stages")
     weight_source = "seed zoo"
     deviations = ("margin from the teacher's BN as in the paper (the seed zoo uses each batch's mean negative "
                   "response); element mean as the seed zoo (the official sum / batch / 1000 with stage weights "
-                  "corresponds to a weight of about 12 here)")
+                  "corresponds to a weight of about 12 here); across spatial sizes, which the paper's pairs never have, "
+                  "the connector rule's strided or transposed conv instead of the 1x1")
     features = PRE_RELU_STAGES
     default_weight = 0.5
 
     def __init__(self, student_shapes, teacher_shapes):
         super().__init__(student_shapes, teacher_shapes)
         self.connectors = nn.ModuleDict()
-        for name in PRE_RELU_STAGES:
-            (c_s, *size_s), (c_t, *size_t) = student_shapes[name], teacher_shapes[name]
-            if size_s != size_t:
-                raise ValueError(f"OFD needs equal spatial sizes, got {student_shapes[name]} and "
-                                 f"{teacher_shapes[name]} at {name}")
-            conv = nn.Conv2d(c_s, c_t, 1, bias=False)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            self.connectors[name] = nn.Sequential(conv, nn.BatchNorm2d(c_t))
+        for name in self.stages:
+            c_s, c_t = student_shapes[name][0], teacher_shapes[name][0]
+            if student_shapes[name][1:] == teacher_shapes[name][1:]:
+                self.connectors[name] = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.BatchNorm2d(c_t))
+            else:  # a cross-family pair: the connector rule's layer across sizes, then BN
+                self.connectors[name] = connector(student_shapes[name], teacher_shapes[name])
+            nn.init.kaiming_normal_(self.connectors[name][0].weight, mode="fan_out", nonlinearity="relu")
             # a buffer, so that the checkpoint keeps the margins of the teacher they came from
             self.register_buffer(f"margin_{name}", torch.zeros(c_t))
 
     def attach(self, student, teacher, train_labels):
+        if not hasattr(teacher.network, "pre_relu_batchnorms"):
+            raise ValueError(f"OFD reads the BN before each stage's last ReLU in the teacher, and a "
+                             f"{teacher.arch} has none there")
         batchnorms = teacher.network.pre_relu_batchnorms()
-        for name in PRE_RELU_STAGES:
+        for name in self.stages:
             getattr(self, f"margin_{name}").copy_(negative_response_margin(batchnorms[name]))
 
     def forward(self, student, teacher, targets):
         losses = []
-        for name in PRE_RELU_STAGES:
+        for name in self.stages:
             s = self.connectors[name](student[name]).float()
             target = torch.max(teacher[name].float(), getattr(self, f"margin_{name}").view(1, -1, 1, 1))
             counted = (s > target) | (target > 0)

@@ -12,16 +12,16 @@ def similarity(feature):
 @register("sp")
 class SimilarityPreserving(KDMethod):
     """For each stage output, the mean squared difference of the two row-normalised similarity
-    matrices (the squared Frobenius norm of the difference / N^2); the three stages are averaged,
+    matrices (the squared Frobenius norm of the difference / N^2); the stages are averaged,
     as in the seed zoo (RepDistiller uses only the last stage). Any widths and spatial sizes pair."""
 
     paper = "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation"
-    summary = "MSE of the row-normalised batch Gram matrices, averaged over 3 stages"
+    summary = "MSE of the row-normalised batch Gram matrices, averaged over the stages"
     weight_source = "seed zoo, RepDistiller"
-    deviations = "3 stages averaged (seed zoo); RepDistiller uses the last only"
+    deviations = "every stage averaged (seed zoo); RepDistiller uses the last only"
     features = STAGES
     default_weight = 3000.0
 
     def forward(self, student, teacher, targets):
-        losses = [F.mse_loss(similarity(student[k]), similarity(teacher[k])) for k in STAGES]
+        losses = [F.mse_loss(similarity(student[k]), similarity(teacher[k])) for k in self.stages]
         return sum(losses) / len(losses)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import STAGES, KDMethod, register
+from .base import STAGES, KDMethod, register, same_size
 
 EPS = 1e-6  # variance floor; the seed zoo's value (RepDistiller uses 1e-5)
 
@@ -25,12 +25,13 @@ class VariationalInformation(KDMethod):
     """Negative log-likelihood of the teacher's stage output under a Gaussian whose mean a regressor
     predicts from the student's, with a learned per-channel variance var_c = softplus(alpha_c) + 1e-6
     (alpha starts where var_c = vid_init_var): the mean over all elements of
-    0.5 * (log var_c + (mu - t)^2 / var_c), for each of the three stage outputs (post-ReLU), averaged.
+    0.5 * (log var_c + (mu - t)^2 / var_c), for each stage output (post-ReLU), averaged; where the
+    two maps differ in size, the larger is average-pooled to the smaller first (RepDistiller).
     The constant 0.5 log(2 pi) is left out, so the loss is not zero even when mu = t."""
 
     paper = "Ahn et al. 2019, Variational Information Distillation for Knowledge Transfer"
     summary = ("Gaussian negative log-likelihood of the teacher's stage output under a regressor's mean and a "
-               "learned per-channel variance `softplus(a_c) + eps`, averaged over 3 stages")
+               "learned per-channel variance `softplus(a_c) + eps`, averaged over the stages")
     weight_source = "seed zoo"
     deviations = ("hidden width = teacher width, no BN in the regressor (seed zoo); element mean; eps 1e-6 "
                   "(RepDistiller 1e-5)")
@@ -45,19 +46,17 @@ class VariationalInformation(KDMethod):
             raise ValueError(f"the initial variance must exceed {EPS}, got {vid_init_var}")
         self.regressors = nn.ModuleDict()
         self.alphas = nn.ParameterDict()
-        for name in STAGES:
-            (c_s, *size_s), (c_t, *size_t) = student_shapes[name], teacher_shapes[name]
-            if size_s != size_t:
-                raise ValueError(f"VID needs equal spatial sizes, got {student_shapes[name]} and "
-                                 f"{teacher_shapes[name]} at {name}")
+        for name in self.stages:
+            c_s, c_t = student_shapes[name][0], teacher_shapes[name][0]
             self.regressors[name] = regressor(c_s, max(1, int(vid_scale * c_t)), c_t)
             # softplus^-1(init_var - eps), so that softplus(alpha) + eps = init_var exactly
             self.alphas[name] = nn.Parameter(torch.full((c_t,), math.log(math.expm1(vid_init_var - EPS))))
 
     def forward(self, student, teacher, targets):
         losses = []
-        for name in STAGES:
-            mean = self.regressors[name](student[name]).float()
+        for name in self.stages:
+            s, target = same_size(student[name], teacher[name].float())  # pooled before the regressor
+            mean = self.regressors[name](s).float()
             var = (F.softplus(self.alphas[name].float()) + EPS).view(1, -1, 1, 1)
-            losses.append((0.5 * (var.log() + (mean - teacher[name].float()).pow(2) / var)).mean())
+            losses.append((0.5 * (var.log() + (mean - target).pow(2) / var)).mean())
         return sum(losses) / len(losses)

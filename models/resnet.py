@@ -1,6 +1,8 @@
 """CIFAR ResNets of depth 6n + 2 (He et al. 2016, section 4.2): a 3x3 stem, three stages of n basic
 blocks with 16, 32 and 64 channels, global average pooling and a linear classifier. The CRD benchmark's
-resnet8x4 / resnet32x4 (RepDistiller) are the same nets with a 32-channel stem and 64/128/256 channels."""
+resnet8x4 / resnet32x4 (RepDistiller) are the same nets with a 32-channel stem and 64/128/256 channels,
+and its ResNet50 the same frame with a 64-channel stem and four stages of 3/4/6/3 bottleneck blocks
+(256/512/1024/2048 channels, no max-pool)."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -63,28 +65,58 @@ class BasicBlock(nn.Module):
         return self.bn2(self.conv2(out)) + self.shortcut(x)
 
 
+class Bottleneck(nn.Module):
+    """1x1 conv to a quarter of the output width, 3x3 conv (with the stride), 1x1 conv to the output
+    width, each with BN, plus a shortcut (a 1x1 conv + BN where the shape changes); returns the sum
+    before the final ReLU, as BasicBlock."""
+
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(self, in_channels, out_channels, stride, shortcut):
+        super().__init__()
+        if shortcut != "projection":
+            raise ValueError("bottleneck blocks have only the projection shortcut")
+        middle = out_channels // 4
+        self.conv1 = nn.Conv2d(in_channels, middle, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(middle)
+        self.conv2 = nn.Conv2d(middle, middle, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(middle)
+        self.conv3 = nn.Conv2d(middle, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out)) + self.shortcut(x)
+
+
 class CifarResNet(nn.Module):
     """forward(x) gives logits; forward(x, features=True) gives (logits, features) where features
-    has 'stem', 'stage1'..'stage3' (after ReLU), 'stage1_pre'..'stage3_pre' (the last block of
-    each stage before its ReLU) and 'pool' (the pooled vector fed to the classifier). The stem has
-    stem_width channels (default widths[0]); a first block that changes the width or the resolution
-    gets the `shortcut` kind."""
+    has 'stem', 'stage1'..'stageK' (after ReLU, one per width), 'stage1_pre'..'stageK_pre' (the
+    last block of each stage before its ReLU) and 'pool' (the pooled vector fed to the classifier).
+    The stem has stem_width channels (default widths[0]); a first block that changes the width or the
+    resolution gets the `shortcut` kind. Basic blocks: n = (depth - 2) / 6 per stage; other blocks
+    give their count per stage in stage_blocks."""
 
     conv_bn_pairs = (("conv1", "bn1"),)
 
-    def __init__(self, depth, num_classes, shortcut="projection", widths=(16, 32, 64), stem_width=None):
+    def __init__(self, depth, num_classes, shortcut="projection", widths=(16, 32, 64), stem_width=None,
+                 block=BasicBlock, stage_blocks=None):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
-        blocks = (depth - 2) // 6
+        if stage_blocks is None:
+            if (depth - 2) % 6 != 0 or depth < 8:
+                raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth}")
+            stage_blocks = [(depth - 2) // 6] * len(widths)
         stem_width = stem_width or widths[0]
         self.num_classes, self.shortcut = num_classes, shortcut
         self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         stages, in_channels = [], stem_width
-        for i, width in enumerate(widths):
+        for i, (width, blocks) in enumerate(zip(widths, stage_blocks)):
             stride = 1 if i == 0 else 2
-            stage = [BasicBlock(in_channels if b == 0 else width, width, stride if b == 0 else 1, shortcut)
+            stage = [block(in_channels if b == 0 else width, width, stride if b == 0 else 1, shortcut)
                      for b in range(blocks)]
             stages.append(nn.ModuleList(stage))
             in_channels = width
@@ -96,8 +128,10 @@ class CifarResNet(nn.Module):
         init_conv_bn(self)
 
     def pre_relu_batchnorms(self):
-        """{'stagek_pre': the BN whose output, plus the shortcut, is that feature}: each stage's last bn2."""
-        bns = {f"stage{i}_pre": stage[-1].bn2 for i, stage in enumerate(self.stages, start=1)}
+        """{'stagek_pre': the BN whose output, plus the shortcut, is that feature}: each stage's last
+        block's last BN."""
+        last = "bn3" if isinstance(self.stages[0][0], Bottleneck) else "bn2"
+        bns = {f"stage{i}_pre": getattr(stage[-1], last) for i, stage in enumerate(self.stages, start=1)}
         if not all(isinstance(bn, nn.BatchNorm2d) for bn in bns.values()):
             raise RuntimeError("the batch norms were folded into the convolutions (fold_batchnorm)")
         return bns

@@ -7,7 +7,9 @@ The network is a standard WRN, parameter for parameter and output for output, ar
 BN-ReLU at each stage boundary (the first BN of a stage's first block, or the final BN) sits outside
 the blocks: a stage's raw output then goes through that BN once, and its output and ReLU are the
 stage's pre-ReLU and post-ReLU features. A standard WRN feeds this activated input to both the conv
-and the shortcut of a block that changes shape, which every first block does when k >= 2."""
+and the shortcut of a block that changes shape, which every first block does when k >= 2. With k = 1
+(wrn_16_1, wrn_40_1) the first block of stage 1 keeps the shape, and its shortcut adds the stem
+convolution's output as it is, before that BN-ReLU."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -16,8 +18,9 @@ from .resnet import classify, init_conv_bn
 
 class PreActBlock(nn.Module):
     """[BN-ReLU]-conv3x3-BN-ReLU-conv3x3 plus a shortcut. A stage's first block has no BN of its own:
-    it takes the already activated input, and its shortcut is a 1x1 convolution (no BN). The other
-    blocks pre-activate their input themselves and add it unchanged."""
+    it takes the already activated input, and its shortcut is a 1x1 convolution (no BN), or where the
+    shape does not change, the identity on `raw`, that input before its BN-ReLU. The other blocks
+    pre-activate their input themselves and add it unchanged."""
 
     conv_bn_pairs = (("conv1", "bn2"),)  # bn1 comes before its conv: it cannot be folded
 
@@ -27,12 +30,14 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False) if first else nn.Identity()
+        changes_shape = stride != 1 or in_channels != out_channels
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False) if changes_shape else nn.Identity()
+        self.adds_raw = first and not changes_shape
 
-    def forward(self, x):
+    def forward(self, x, raw=None):
         out = x if self.bn1 is None else F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + self.shortcut(x)
+        return out + self.shortcut(raw if self.adds_raw else x)
 
 
 class WideResNet(nn.Module):
@@ -46,8 +51,6 @@ class WideResNet(nn.Module):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"depth must be 6n + 4 with n >= 1, got {depth}")
-        if widen_factor < 2:
-            raise ValueError("widen factor must be at least 2 (each stage's first block must change shape)")
         if shortcut != "projection":
             raise ValueError(f"wrn_{depth}_{widen_factor} has only the projection shortcut")
         blocks = (depth - 4) // 6
@@ -66,6 +69,8 @@ class WideResNet(nn.Module):
         # stage k's output BN: the pre-activation of stage k+1's first block, or the final BN
         self.stage_bns = nn.ModuleList(nn.BatchNorm2d(width) for width in widths)
         self.fc = nn.Linear(widths[-1], num_classes)
+        if self.stages[0][0].adds_raw:
+            self.conv_bn_pairs = ()  # the stem conv's output is also a shortcut: its BN cannot be folded in
         self.feature_channels = {"stem": 16, "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
@@ -77,11 +82,12 @@ class WideResNet(nn.Module):
         return {f"stage{i}_pre": bn for i, bn in enumerate(self.stage_bns, start=1)}
 
     def forward(self, x, features=False):
-        x = F.relu(self.bn1(self.conv1(x)))
+        raw = self.conv1(x)
+        x = F.relu(self.bn1(raw))
         feats = {"stem": x}
         for i, (stage, bn) in enumerate(zip(self.stages, self.stage_bns), start=1):
             for block in stage:
-                x = block(x)
+                x = block(x, raw)
             pre = bn(x)
             x = F.relu(pre)
             feats[f"stage{i}_pre"], feats[f"stage{i}"] = pre, x

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): one process's view of the first
-training step and of an evaluation, saved by rank 0 for the test to compare with one process."""
+training step, of an evaluation and of CRD's training, saved by rank 0 for the test to compare with
+one process."""
 import os
 import sys
 
@@ -8,8 +9,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import DATASETS, DeviceLoader  # noqa: E402
-from engine import Supervised, evaluate  # noqa: E402
+from engine import Distiller, Supervised, Teacher, evaluate, train_step  # noqa: E402
 from engine.checkpoint import generator_states, restore_generators  # noqa: E402
+from engine.processes import check_replicas, over_processes, wrap_for_processes  # noqa: E402
+from kd_losses import build_method  # noqa: E402
 from models import build_model  # noqa: E402
 from engine import setup_device  # noqa: E402
 
@@ -45,6 +48,45 @@ def evaluation(rank, world_size):
     return evaluate(model, loader)
 
 
+def crd(rank, world_size):
+    """CRD trained for three steps (global batches of 16; eval mode, so that BN treats every image
+    alone), then a fresh CRD's first forward on a global batch of 7 (split 3 + 4 over two processes,
+    its Z not yet estimated). Per step the global batch's mean loss and KD term; the trained task's
+    and the fresh method's weights, banks and Z (checked identical on every process)."""
+    spec = DATASETS["cifar10"]
+    images, labels = synthetic(48, 4)
+    loader = DeviceLoader(images, labels, 16, spec.mean, spec.std, train=True, seed=3, rank=rank,
+                          world_size=world_size)
+    hparams = {"crd_feat_dim": 16, "crd_negatives": 20, "crd_T": 0.07, "crd_momentum": 0.5}
+    torch.manual_seed(1)
+    teacher = Teacher(build_model("resnet8", 10))
+    torch.manual_seed(0)
+    student = build_model("resnet8", 10)
+    method = build_method("crd", hparams, student, teacher, labels)
+    loader.add_negatives(method.negatives_per_sample)
+    task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=0.8).eval()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.05, momentum=0.9)
+    trainer = wrap_for_processes(task, torch.device("cpu"), sync_bn=False)
+    losses = []
+    for x, y, indices, views in loader:
+        _, loss, terms = train_step(trainer, optimizer, x, y, indices, views)
+        # each process's mean over its slice, weighted by its size: the global batch's mean
+        sums = over_processes(torch.stack([loss.detach(), terms["kd"].detach(), torch.tensor(1.0)]) * len(y))
+        losses.append(sums[:2] / sums[2])
+    check_replicas(task)
+
+    torch.manual_seed(2)
+    fresh = build_method("crd", hparams, student, teacher, labels)
+    pool_s, pool_t = torch.randn(7, 64), torch.randn(7, 64)
+    indices = torch.cat([torch.randperm(48)[:7, None], torch.randint(0, 48, (7, 20))], 1)
+    lo, hi = 7 * rank // world_size, 7 * (rank + 1) // world_size
+    with torch.no_grad():
+        loss = fresh({"pool": pool_s[lo:hi]}, {"pool": pool_t[lo:hi]}, None, indices[lo:hi])
+    check_replicas(fresh)
+    return {"losses": torch.stack(losses), "trained": task.state_dict(), "fresh": fresh.state_dict(),
+            "fresh_loss": over_processes(loss * (hi - lo)) / 7}
+
+
 def generators(rank, world_size):
     """Each process's generators after it drew a different amount; as only rank 0 writes last.pt,
     every process restores from rank 0's copy of the states. Returns whether every process then
@@ -71,7 +113,8 @@ def generators(rank, world_size):
 if __name__ == "__main__":
     what, out = sys.argv[1], sys.argv[2]
     _, rank, world_size = setup_device("cpu")
-    result = {"first_step": first_step, "evaluation": evaluation, "generators": generators}[what](rank, world_size)
+    result = {"first_step": first_step, "evaluation": evaluation, "generators": generators,
+              "crd": crd}[what](rank, world_size)
     if what == "first_step" and world_size > 1:  # the processes' batches, to check they form the global one
         gathered = [torch.empty_like(result["labels"]) for _ in range(world_size)]
         dist.all_gather(gathered, result["labels"])

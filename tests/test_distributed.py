@@ -76,6 +76,26 @@ def test_evaluation_over_uneven_shards_is_exact(tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+def test_crd_under_torchrun_equals_one_process(tmp_path):
+    """CRD's processes gather each other's indices and embeddings and update their memory banks, and
+    estimate Z, from the whole global batch; the loader gives each process the negatives a single
+    process draws for its samples. So two processes on equal slices (BN in eval mode, as above) train
+    as one process does: the same losses, weights, banks and Z. A global batch split unevenly (3 + 4)
+    still gives the same banks, Z and size-weighted loss."""
+    one = worker("crd", tmp_path / "one.pt", 1)
+    two = worker("crd", tmp_path / "two.pt", 2)
+    assert torch.allclose(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(two["fresh_loss"], one["fresh_loss"], rtol=1e-5, atol=1e-6)
+    for part in ("trained", "fresh"):
+        assert one[part].keys() == two[part].keys()
+        for name, value in one[part].items():
+            other = two[part][name]
+            same = (torch.allclose(other, value, rtol=1e-5, atol=1e-6) if value.is_floating_point()
+                    else torch.equal(other, value))
+            assert same, (part, name)
+    assert one["trained"]["method.z_estimated"] and one["fresh"]["z_estimated"]
+
+
 def test_every_process_resumes_its_own_random_generators(tmp_path):
     """Only rank 0 writes last.pt, so it holds every process's generator states, gathered; each
     process then restores its own (BSS's attack draws differ per process)."""

@@ -278,21 +278,26 @@ PAIRS = [("resnet8", "resnet8"), ("resnet8x4", "resnet8"), ("wrn_16_2", "wrn_16_
 @pytest.mark.parametrize("teacher_arch, student_arch", PAIRS, ids=["-".join(p) for p in PAIRS])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_a_step_on_real_networks(name, teacher_arch, student_arch):
-    """One training step through the Distiller: finite terms, gradients on the student (and the
-    method's parts), none on the teacher, whose weights and buffers stay as they were."""
     torch.manual_seed(0)
     student, teacher = build_model(student_arch, CLASSES), Teacher(build_model(teacher_arch, CLASSES))
-    labels = torch.arange(32) % CLASSES
-    hparams = {**defaults(name), **({"crd_negatives": 6} if name == "crd" else {})}
     if name in NEEDS_EQUAL_WIDTHS and teacher_arch != student_arch:
         with pytest.raises(ValueError):
-            build_method(name, hparams, student, teacher, labels)
+            build_method(name, defaults(name), student, teacher, torch.arange(32) % CLASSES)
         return
+    train_one_step(name, student, teacher, CLASSES)
+
+
+def train_one_step(name, student, teacher, classes, batch=8):
+    """One training step through the Distiller: finite terms, gradients on the student (and the
+    method's parts), none on the teacher, whose weights and buffers stay as they were. Raises the
+    ValueError of a method that refuses the pair."""
+    labels = torch.arange(32) % classes
+    hparams = {**defaults(name), **({"crd_negatives": 6} if name == "crd" else {})}
     method = build_method(name, hparams, student, teacher, labels)
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).train()
     nets = (teacher.network, teacher.folded)
     teacher_before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
-    images, targets_, indices, views = training_batch(labels, method.negatives_per_sample)
+    images, targets_, indices, views = training_batch(labels, method.negatives_per_sample, batch)
     _, terms = task(images, targets_, indices, views)
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values()), terms
     sum(terms.values()).backward()

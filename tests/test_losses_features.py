@@ -106,8 +106,14 @@ def test_vid_shapes_and_initial_variance():
     for name in ("stage1", "stage2", "stage3"):
         variance = np.log1p(np.exp(as64(method.alphas[name]))) + 1e-6
         assert np.allclose(variance, 3.0, rtol=1e-6)
-    with pytest.raises(ValueError, match="spatial"):
-        VariationalInformation(POST, {**POST, "stage2": (6, 4, 4)}, vid_scale=1.0, vid_init_var=5.0)
+
+
+def test_vid_pools_a_larger_teacher_map_to_the_students_size():
+    larger = {**POST, "stage2": (6, 4, 4)}
+    method = VariationalInformation(POST, larger, **defaults(VariationalInformation))
+    s, t = outputs(POST, 0, relu=True), outputs(larger, 1, relu=True)
+    pooled = {**t, "stage2": torch.nn.functional.avg_pool2d(t["stage2"], 2)}
+    assert torch.equal(method(s, t, None), method(s, pooled, None))
 
 
 def test_vid_variance_is_learned():
@@ -213,8 +219,10 @@ def test_ofd_connector_always_and_defaults():
         assert isinstance(connector[0], torch.nn.Conv2d) and isinstance(connector[1], torch.nn.BatchNorm2d)
     assert OverhaulFeatureDistillation.default_weight == 0.5
     assert OverhaulFeatureDistillation.hyperparameters == {}
-    with pytest.raises(ValueError, match="spatial"):
-        OverhaulFeatureDistillation(PRE, {**PRE, "stage1_pre": (4, 8, 8)})
+    # across sizes (a cross-family pair) the connector rule's layer: here a transposed conv from half the size
+    method = OverhaulFeatureDistillation(PRE, {**PRE, "stage1_pre": (4, 8, 8)})
+    assert isinstance(method.connectors["stage1_pre"][0], torch.nn.ConvTranspose2d)
+    assert method.connectors["stage1_pre"](torch.randn(BATCH, *PRE["stage1_pre"])).shape == (BATCH, 4, 8, 8)
 
 
 def test_ofd_narrower_student():
@@ -312,7 +320,8 @@ def test_ab_defaults():
     assert defaults(ActivationBoundaries) == {"ab_margin": 2.0, "ab_epochs": 50, "ab_lr": 0.01,
                                               "ab_stage_weight": 10.0}
     assert ActivationBoundaries.default_weight == 0.0 and ActivationBoundaries.has_stage
-    assert ActivationBoundaries.features == ("stage1_pre", "stage2_pre", "stage3_pre")
+    assert ActivationBoundaries(PRE, PRE, **defaults(ActivationBoundaries)).features == (
+        "stage1_pre", "stage2_pre", "stage3_pre")
 
 
 # ------------------------------------------------------------------------------------------- FSP

@@ -168,11 +168,11 @@ def test_lwm_trains_the_student_through_its_grad_cam():
     assert student.stages[0][0].conv1.weight.grad.abs().sum() > 0
 
 
-def test_lwm_refuses_different_spatial_sizes():
-    shapes = {"stage2": (32, 16, 16)}
-    with pytest.raises(ValueError, match="spatial size"):
-        LwM(shapes, {"stage2": (32, 8, 8)})
-    LwM(shapes, {"stage2": (64, 16, 16)})  # channels may differ
+def test_lwm_reads_each_networks_stage_before_the_last():
+    three = {"stage1": (16, 32, 32), "stage2": (32, 16, 16), "stage3": (64, 8, 8)}
+    four = {**three, "stage4": (128, 4, 4)}
+    method = LwM(three, four)  # its maps are compared at the smaller size, so sizes and widths may differ
+    assert (method.student_stage, method.teacher_stage) == ("stage2", "stage3")
 
 
 # ---------------------------------------------------------------------------------- BSS

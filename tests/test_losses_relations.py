@@ -245,13 +245,23 @@ def test_dkd_warmup_factor_across_epochs():
 
 
 @pytest.mark.parametrize("teacher, student, given, expected", [
-    ("resnet110", "resnet20", None, 2.0),
-    ("resnet56", "resnet32", None, 2.0),
+    # mdistiller's configs/cifar100/dkd/*.yaml
     ("resnet56", "resnet20", None, 2.0),
+    ("resnet110", "resnet32", None, 2.0),
+    ("wrn_40_2", "wrn_16_2", None, 6.0),
+    ("wrn_40_2", "wrn_40_1", None, 6.0),
+    ("vgg13", "vgg8", None, 6.0),
+    ("vgg13", "MobileNetV2", None, 6.0),
     ("resnet32x4", "resnet8x4", None, 8.0),
-    ("resnet110", "resnet8", None, 8.0),
+    ("ResNet50", "MobileNetV2", None, 8.0),
+    ("resnet32x4", "ShuffleV1", None, 8.0),
+    ("resnet32x4", "ShuffleV2", None, 8.0),
+    ("wrn_40_2", "ShuffleV1", None, 8.0),
+    # pairs without a config keep the default
+    ("resnet110", "resnet20", None, 8.0),
+    ("resnet56", "resnet32", None, 8.0),
     ("resnet110", "resnet20", 5.0, 5.0),  # a given value is kept
-    ("resnet32x4", "resnet8x4", 5.0, 5.0),
+    ("resnet56", "resnet20", 5.0, 5.0),
 ])
 def test_dkd_beta_resolution(teacher, student, given, expected):
     method = DecoupledKD({}, {}, **{**defaults(DecoupledKD), "dkd_beta": given})
@@ -274,12 +284,14 @@ def test_defaults_and_weights_match_the_notes():
     assert (Logits.default_weight, Logits.hyperparameters) == (0.1, {})
     assert (ProbabilisticKT.default_weight, ProbabilisticKT.features) == (10000.0, ("pool",))
     assert SimilarityPreserving.default_weight == 3000.0
-    assert SimilarityPreserving.features == ("stage1", "stage2", "stage3")
+    shapes = {"stage1": (4, 4, 4), "stage2": (6, 2, 2), "stage3": (8, 2, 2)}
+    assert SimilarityPreserving(shapes, shapes).features == ("stage1", "stage2", "stage3")
     assert CorrelationCongruence.default_weight == 100.0
     assert defaults(CorrelationCongruence) == {"cc_gamma": 0.4, "cc_order": 2}
     assert isinstance(defaults(CorrelationCongruence)["cc_order"], int)
     assert InstanceRelationshipGraph.default_weight == 1.0
-    assert InstanceRelationshipGraph.features == ("stage2", "stage3", "pool")
+    assert InstanceRelationshipGraph(shapes, shapes, **defaults(InstanceRelationshipGraph)).features == (
+        "stage2", "stage3", "pool")
     assert defaults(InstanceRelationshipGraph) == {"irg_w_vertex": 0.1, "irg_w_edge": 5.0, "irg_w_transform": 5.0}
     assert DecoupledKD.default_weight == 1.0
     assert defaults(DecoupledKD) == {"dkd_alpha": 1.0, "dkd_beta": None, "T": 4.0, "dkd_warmup": 20}
