@@ -34,7 +34,9 @@ def load_checkpoint(path):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a loadable checkpoint ({first_line}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by train_base.py or train_kd.py.")
+        hint = " (a RepDistiller or mdistiller teacher needs --teacher-arch)" if isinstance(ckpt, dict) and \
+            "model" in ckpt else ""
+        raise UserError(f"{path} is not a checkpoint written by train_base.py or train_kd.py{hint}.")
     return ckpt
 
 

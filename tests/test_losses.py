@@ -327,3 +327,30 @@ def test_own_step_is_zero_for_identical_networks(name):
     _, terms = task(images, targets_, indices, views)
     kd = terms["kd_kl"] if name == "dml" else terms["kd"]
     assert abs(kd.item()) < 1e-6
+
+
+def test_stage_names_resolve_per_pair():
+    """'every stage', 'the last stage' and 'the stage before the last' name each pair's own stages:
+    four in a VGG or MobileNetV2, three in a ResNet."""
+    four = Teacher(build_model("vgg13", CLASSES))
+    student = build_model("MobileNetV2", CLASSES)
+    labels = torch.arange(32) % CLASSES
+    assert build_method("at", defaults("at"), student, four, labels).features == (
+        "stage1", "stage2", "stage3", "stage4")
+    assert build_method("ab", defaults("ab"), student, four, labels).stages == (
+        "stage1_pre", "stage2_pre", "stage3_pre", "stage4_pre")
+    assert build_method("ft", defaults("ft"), student, four, labels).features == ("stage4",)
+    assert build_method("irg", defaults("irg"), student, four, labels).features == ("stage3", "stage4", "pool")
+    three = Teacher(build_model("resnet20", CLASSES))
+    assert build_method("irg", defaults("irg"), build_model("resnet8", CLASSES), three, labels).features == (
+        "stage2", "stage3", "pool")
+
+
+def test_a_method_that_compares_stages_one_to_one_refuses_unequal_stage_counts():
+    teacher, student = Teacher(build_model("resnet20", CLASSES)), build_model("vgg8", CLASSES)
+    labels = torch.arange(32) % CLASSES
+    with pytest.raises(ValueError, match="^at compares the two networks stage by stage, and the student has 4 "
+                                         "stages where the teacher has 3$"):
+        build_method("at", defaults("at"), student, teacher, labels)
+    for name in ("st", "crd", "rkd", "pkt", "lwm"):  # logits, the pooled vector or one stage of each: any pair
+        build_method(name, defaults(name), student, teacher, labels)

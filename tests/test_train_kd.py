@@ -140,7 +140,14 @@ def test_bad_teacher_inputs(teacher, cifar10_root, cifar100_root, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     assert_user_error(run_script("train_kd.py", "--teacher", foreign, *common, check=False),
-                      "not a checkpoint written by train_base.py")
+                      "not a checkpoint written by train_base.py or train_kd.py.")
+    torch.save({"epoch": 240, "model": {}}, foreign)  # RepDistiller's layout
+    assert_user_error(run_script("train_kd.py", "--teacher", foreign, *common, check=False),
+                      "a RepDistiller or mdistiller teacher needs --teacher-arch")
+    assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common[:-4], "--method", "at", "--student",
+                                 "vgg8", check=False),
+                      "--method at with a resnet14 teacher and a vgg8 student: at compares the two networks stage "
+                      "by stage, and the student has 4 stages where the teacher has 3.")
     assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common, "--dataset", "cifar100",
                                  check=False), "trained on cifar10, not on cifar100")
     assert_user_error(run_script("train_kd.py", "--teacher", teacher, *common[:-4], "--method", "xyz",
