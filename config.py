@@ -185,7 +185,12 @@ def add_method_flags(parser):
                 shown = " (default: " + ", ".join(f"{m} {METHODS[m].hyperparameters[key][0]}" for m in users[key]) + ")"
             else:
                 shown = "" if default is None else f" (default: {default})"
-            group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=positive(kind), help=help_text + shown)
+            if kind is bool:  # a switch, off unless given
+                group.add_argument(f"--{key.replace('_', '-')}", dest=key, action="store_true", default=None,
+                                   help=help_text)
+            else:
+                group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=positive(kind),
+                                   help=help_text + shown)
             added.add(key)
 
 
@@ -268,20 +273,24 @@ def recipe_values(dataset, typed):
 
 def refuse_other_methods_flags(method, typed):
     own = METHODS[method].hyperparameters
-    for name, cls in METHODS.items():
-        for key in cls.hyperparameters:
-            if key in typed and key not in own:
-                raise UserError(f"--{key.replace('_', '-')} belongs to --method {name}, not to --method {method}.")
+    for key in typed:
+        owners = [name for name, cls in METHODS.items() if key in cls.hyperparameters]
+        if owners and key not in own:
+            raise UserError(f"--{key.replace('_', '-')} belongs to --method {', '.join(owners)}, not to --method "
+                            f"{method}.")
 
 
 def method_values(values, typed):
     """The chosen method's hyper-parameters and KD weight where values (a resumed run's) lack them:
-    typed, else the method's defaults."""
+    typed, else the method's defaults (with --logit-stand, the official ones under it)."""
     method = values["method"]
     chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()
               if key not in values}
     if values["kd_weight"] is None:
         chosen["kd_weight"] = default_weight(method, values["dataset"])
+    if chosen.get("logit_stand"):  # a new run with --logit-stand: the official settings under it, where not given
+        settings = METHODS[method].logit_stand_defaults(values["teacher_arch"], values["model"])
+        chosen.update({key: value for key, value in settings.items() if key not in typed})
     return chosen
 
 

@@ -75,6 +75,13 @@ is written outside the run folder. With `--stage-cache DIR` (opt-in), results ar
 keyed by teacher, student, seed, data, precision and the method's settings, and a later run with the same key
 loads the result instead of training the stage again.
 
+**Logit standardisation** (Sun et al. 2024, `--logit-stand`, for `st` and `dkd`): each sample's
+logits are z-scored, `(z - mean) / (1e-7 + std)`, before the temperature, in both networks. The
+switch also brings the official CIFAR-100 runs' settings for the pair unless a flag gives them
+(the method's `logit_stand_settings`, from the official code's configs and log names; the table
+"Logit standardisation settings" below). For `dkd` the KD weight scales alpha and beta, as the
+official code's does.
+
 **The teacher cache.** A method reads the teacher's outputs from the teacher cache (`train_kd.py
 --teacher-cache`, README) when it reads only `logits` and `pool` from the teacher and does not run
 the teacher itself (`runs_teacher`): the "teacher cache" column, derived from those two attributes
@@ -138,6 +145,12 @@ def flags(cls):
     for key, spec in cls.hyperparameters.items():
         default, help_text = spec[:2]
         flag = "--" + key.replace("_", "-")
+        if default is False:  # a switch
+            if code:
+                parts.append("`" + " ".join(code) + "`")
+                code = []
+            parts.append(f"`{flag}` (off)")
+            continue
         if default is not None:
             code.append(f"{flag} {number(default)}")
             continue
@@ -212,12 +225,30 @@ def benchmark_tables(rows):
     return tables
 
 
+def setting_text(settings):
+    names = {"T": "T", "kd_weight": "KD weight", "ce_weight": "CE weight", "dkd_beta": "beta"}
+    return ", ".join(f"{names.get(k, k)} {number(v)}" for k, v in settings.items())
+
+
+def logit_stand_table():
+    """What --logit-stand brings, per method and pair (each method's logit_stand_settings)."""
+    lines = ["## Logit standardisation settings", "",
+             "What `--logit-stand` sets where no flag gives it; a pair's row overrides the method's first row.", "",
+             "| method | pairs | settings |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        for pair, settings in cls.logit_stand_settings.items():
+            where = "every pair" if pair is None else f"{pair[0]} → {pair[1]}"
+            lines.append(f"| `{name}` | {where} | {setting_text(settings)} |")
+    return lines
+
+
 def render():
     """The whole text of docs/methods.md."""
     rows = published_rows()
     student, teacher = PAIR
     parts = [INTRO, "## The methods", "", f"{len(METHODS)} methods, in the registry's order (that of `--help`).", ""]
     parts += methods_table()
+    parts += [""] + logit_stand_table()
     parts += ["", "## Published numbers", "",
               "Test top-1 (%) to reproduce, generated from `docs/published.csv` (seed zoo: the seed zoo's README, "
               "single runs; CRD benchmark: the table in RepDistiller's README, DKD from mdistiller's README; `dml`: "

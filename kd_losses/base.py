@@ -32,6 +32,9 @@ PRE_RELU_STAGES = ("stages_pre",)
 LAST_STAGE, SECOND_LAST_STAGE = "stage-1", "stage-2"
 STAGE_WORDS = {"stages": "stages", "stages_pre": "pre-ReLU stages", LAST_STAGE: "last stage",
                SECOND_LAST_STAGE: "stage before the last"}
+# the switch of the logit methods that the logit standardisation code extends (a hyper-parameter spec)
+LOGIT_STAND = (False, "z-score each sample's logits before the temperature (logit standardisation, Sun et al. "
+                      "2024); brings the official runs' T and weights (and DKD's beta) for the pair, unless given")
 # the teacher outputs small enough per image to keep for every augmented view (engine/teacher_cache.py)
 CACHED_OUTPUTS = ("logits", "pool")
 
@@ -59,6 +62,9 @@ class KDMethod(nn.Module):
     compilable = True          # False: --compile leaves the step eager (double backward, data-dependent loops)
     double_backward = False    # True: the step differentiates through a gradient (not with --sync-bn)
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
+    # for a method with the `logit_stand` switch: what --logit-stand brings where not given (None), and
+    # the pairs (teacher, student) where the official runs used other values
+    logit_stand_settings = {}
 
     @classmethod
     def teacher_cache_refusal(cls):
@@ -73,6 +79,11 @@ class KDMethod(nn.Module):
         if uncached:
             return f"it reads the teacher's {', '.join(uncached)}, and only {' and '.join(CACHED_OUTPUTS)} are cached"
         return ""
+
+    @classmethod
+    def logit_stand_defaults(cls, teacher, student):
+        """The defaults --logit-stand brings for this pair (flags, kd_weight, ce_weight)."""
+        return {**cls.logit_stand_settings[None], **cls.logit_stand_settings.get((teacher, student), {})}
 
     def __init__(self, student_shapes, teacher_shapes, **hparams):
         """student_shapes/teacher_shapes: feature name -> shape of one sample, e.g. (64, 8, 8).
@@ -151,6 +162,12 @@ def same_size(student, teacher):
     elif size_t[0] > size_s[0]:
         teacher = F.adaptive_avg_pool2d(teacher, size_s)
     return student, teacher
+
+
+def standardize(logits):
+    """Each sample's logits z-scored (logit standardisation, Sun et al. 2024): (z - mean) / (1e-7 + std),
+    with the unbiased std over classes, as the official code."""
+    return (logits - logits.mean(1, keepdim=True)) / (1e-7 + logits.std(1, keepdim=True))
 
 
 def as_float(tensors):

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from .base import KDMethod, register
+from .base import LOGIT_STAND, KDMethod, register, standardize
 
 # subtracted from the target class's scaled logit to leave it out of a softmax, as mdistiller
 # does: exp(-1000) is 0 in float32, yet every value stays finite (-inf would give 0 * inf = nan)
@@ -32,7 +32,8 @@ class DecoupledKD(KDMethod):
     over the non-target classes alone.
     warm-up: min(epoch / dkd_warmup, 1) for the 1-based epoch, set by start_epoch; 1 until then.
     dkd_beta None means the pair's beta in BETA_BY_PAIR, else 8 (set by attach(), which sees both
-    networks). Returned as named terms 'tckd' and 'nckd', warm-up included."""
+    networks). With logit_stand, of the z-scored logits (base.standardize). Returned as named terms
+    'tckd' and 'nckd', warm-up included."""
 
     paper = "Zhao et al. 2022, Decoupled Knowledge Distillation"
     summary = "`alpha TCKD + beta NCKD` at T, both times `T^2`, with a linear warm-up `min(epoch / 20, 1)`"
@@ -44,11 +45,24 @@ class DecoupledKD(KDMethod):
         "dkd_beta": (None, "weight of the non-target term (default: mdistiller's for the pair, else 8)", float),
         "T": (4.0, "softmax temperature"),
         "dkd_warmup": (20, "epochs of linear warm-up of the KD term"),
+        "logit_stand": LOGIT_STAND,
     }
+    # the logit standardisation code's DKD runs (log names: T, KD weight, beta): T 2, KD 9 (it multiplies
+    # alpha and beta, as our KD weight does), CE 1 and the pair's beta, but on these pairs
+    logit_stand_settings = {
+        None: {"T": 2.0, "kd_weight": 9.0},
+        ("vgg13", "vgg8"): {"kd_weight": 15.0, "dkd_beta": 2.0},
+        ("wrn_40_2", "wrn_40_1"): {"kd_weight": 12.0, "dkd_beta": 2.0},
+        ("wrn_40_2", "wrn_16_2"): {"kd_weight": 12.0, "dkd_beta": 2.0},
+        ("resnet56", "resnet20"): {"T": 3.0, "kd_weight": 18.0, "dkd_beta": 2.0},
+        ("resnet110", "resnet32"): {"kd_weight": 15.0, "dkd_beta": 2.0},
+        ("resnet110", "resnet20"): {"kd_weight": 15.0, "dkd_beta": 2.0},
+        ("vgg13", "MobileNetV2"): {"T": 3.0, "dkd_beta": 2.0},
+        ("ResNet50", "MobileNetV2"): {"kd_weight": 15.0, "dkd_beta": 2.0}}
 
-    def __init__(self, student_shapes, teacher_shapes, dkd_alpha, dkd_beta, T, dkd_warmup):
+    def __init__(self, student_shapes, teacher_shapes, dkd_alpha, dkd_beta, T, dkd_warmup, logit_stand):
         super().__init__(student_shapes, teacher_shapes)
-        self.alpha, self.T, self.warmup = dkd_alpha, T, dkd_warmup
+        self.alpha, self.T, self.warmup, self.logit_stand = dkd_alpha, T, dkd_warmup, logit_stand
         self.beta_given = dkd_beta is not None
         self.beta = dkd_beta if self.beta_given else DEFAULT_BETA
         # a tensor, updated in place, so a compiled step reads it rather than baking in a float;
@@ -63,7 +77,10 @@ class DecoupledKD(KDMethod):
         self.warmup_factor.fill_(min(epoch / self.warmup, 1.0))
 
     def forward(self, student, teacher, targets):
-        z_s, z_t = student["logits"].float() / self.T, teacher["logits"].float() / self.T
+        z_s, z_t = student["logits"].float(), teacher["logits"].float()
+        if self.logit_stand:
+            z_s, z_t = standardize(z_s), standardize(z_t)
+        z_s, z_t = z_s / self.T, z_t / self.T
         target_mask = F.one_hot(targets, z_s.shape[1]).to(z_s.dtype)
         tckd = F.kl_div(binary_log_probs(z_s, target_mask), binary_log_probs(z_t, target_mask),
                         reduction="batchmean", log_target=True)

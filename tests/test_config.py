@@ -45,3 +45,25 @@ def test_kd_values_come_from_the_teacher_and_the_method(teacher):
     assert (cfg.T, cfg.kd_weight) == (2.0, 0.5)
     with pytest.raises(UserError, match="--ft-k belongs to --method ft, not to --method st"):
         resolve("kd", "--teacher", teacher, "--method", "st", "--ft-k", 0.25, "--device", "cpu")
+
+
+def test_logit_stand_brings_the_official_settings_unless_given(teacher):
+    cfg, _ = resolve("kd", "--teacher", teacher, "--method", "st", "--device", "cpu")
+    assert (cfg.logit_stand, cfg.T, cfg.kd_weight, cfg.ce_weight) == (False, 4.0, 0.1, 1.0)
+    cfg, _ = resolve("kd", "--teacher", teacher, "--method", "st", "--logit-stand", "--device", "cpu")
+    assert (cfg.logit_stand, cfg.T, cfg.kd_weight, cfg.ce_weight) == (True, 2.0, 9.0, 0.1)
+    assert config.method_hyperparameters(cfg) == {"T": 2.0, "logit_stand": True}
+    cfg, _ = resolve("kd", "--teacher", teacher, "--method", "dkd", "--logit-stand", "--T", 3, "--ce-weight", 0.5,
+                     "--device", "cpu")
+    assert (cfg.T, cfg.kd_weight, cfg.ce_weight, cfg.dkd_beta) == (3.0, 9.0, 0.5, None)  # beta: the pair's
+    with pytest.raises(UserError, match="--logit-stand belongs to --method st, dkd, not to --method at"):
+        resolve("kd", "--teacher", teacher, "--method", "at", "--logit-stand", "--device", "cpu")
+
+
+def test_logit_stand_settings_per_pair():
+    from kd_losses import METHODS
+    assert METHODS["st"].logit_stand_defaults("ResNet50", "MobileNetV2") == {"T": 3.0, "kd_weight": 1.0,
+                                                                             "ce_weight": 0.1}
+    assert METHODS["dkd"].logit_stand_defaults("resnet56", "resnet20") == {"T": 3.0, "kd_weight": 18.0,
+                                                                           "dkd_beta": 2.0}
+    assert METHODS["dkd"].logit_stand_defaults("resnet32x4", "resnet8x4") == {"T": 2.0, "kd_weight": 9.0}

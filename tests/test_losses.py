@@ -47,17 +47,24 @@ def smooth_l1(a, b):
 
 # ---------------------------------------------------------------------------------- golden values
 
-@pytest.mark.parametrize("T", [1.0, 4.0])  # two temperatures pin the T^2 factor
-def test_st_golden(T):
+def z_scored(logits):
+    """Logit standardisation recomputed: per sample, minus the mean, over 1e-7 + the unbiased std."""
+    z = as64(logits)
+    return (z - z.mean(1, keepdims=True)) / (1e-7 + z.std(1, ddof=1, keepdims=True))
+
+
+@pytest.mark.parametrize("T, logit_stand", [(1.0, False), (4.0, False), (2.0, True)])  # two T pin the T^2 factor
+def test_st_golden(T, logit_stand):
     s, t = outputs({}, 0), outputs({}, 1)
-    z_s, z_t = as64(s["logits"]) / T, as64(t["logits"]) / T
+    z_s, z_t = (z_scored(o["logits"]) if logit_stand else as64(o["logits"]) for o in (s, t))
+    z_s, z_t = z_s / T, z_t / T
     kl_sum = 0.0
     for n in range(BATCH):
         p_t = np.exp(z_t[n]) / np.exp(z_t[n]).sum()
         log_p_s = z_s[n] - np.log(np.exp(z_s[n]).sum())
         kl_sum += sum(p_t[c] * (np.log(p_t[c]) - log_p_s[c]) for c in range(CLASSES))
     expected = T ** 2 * kl_sum / BATCH
-    method = METHODS["st"]({}, {}, T=T)
+    method = METHODS["st"]({}, {}, T=T, logit_stand=logit_stand)
     assert close(method(s, t, targets()), expected)
 
 
@@ -167,7 +174,7 @@ def test_rkd_golden():
 
 
 def test_defaults_match_design():
-    assert defaults("st") == {"T": 4.0}
+    assert defaults("st") == {"T": 4.0, "logit_stand": False}
     assert defaults("at") == {"p": 2.0}
     assert defaults("ft")["ft_k"] == 0.5
     assert defaults("rkd") == {"w_dist": 25.0, "w_angle": 50.0}

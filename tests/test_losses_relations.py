@@ -218,13 +218,19 @@ def dkd_expected(s, t, y, alpha, beta, T):
     return T ** 2 * alpha * tckd / len(y), T ** 2 * beta * nckd / len(y)
 
 
-@pytest.mark.parametrize("alpha, beta, T", [(1.0, 8.0, 4.0), (2.0, 3.0, 1.0)])
-def test_dkd_golden(alpha, beta, T):
+@pytest.mark.parametrize("alpha, beta, T, logit_stand", [(1.0, 8.0, 4.0, False), (2.0, 3.0, 1.0, False),
+                                                        (1.0, 2.0, 2.0, True)])
+def test_dkd_golden(alpha, beta, T, logit_stand):
     s, t = outputs({}, 0), outputs({}, 1)
     s["logits"][0, targets()[0]] += 20  # a confident student: P(others) small but not 0
-    method = DecoupledKD({}, {}, dkd_alpha=alpha, dkd_beta=beta, T=T, dkd_warmup=20)
+    method = DecoupledKD({}, {}, dkd_alpha=alpha, dkd_beta=beta, T=T, dkd_warmup=20, logit_stand=logit_stand)
     loss = method(s, t, targets())
-    tckd, nckd = dkd_expected(s["logits"], t["logits"], targets().tolist(), alpha, beta, T)
+    z_s, z_t = s["logits"], t["logits"]
+    if logit_stand:  # recomputed: per sample, minus the mean, over 1e-7 + the unbiased std
+        z_s, z_t = ((z - z.mean(1, keepdims=True)) / (1e-7 + z.std(1, ddof=1, keepdims=True))
+                    for z in (as64(z_s), as64(z_t)))
+        z_s, z_t = torch.from_numpy(z_s), torch.from_numpy(z_t)
+    tckd, nckd = dkd_expected(z_s, z_t, targets().tolist(), alpha, beta, T)
     assert set(loss) == {"tckd", "nckd"}
     assert close(loss["tckd"], tckd) and close(loss["nckd"], nckd)
 
@@ -294,7 +300,8 @@ def test_defaults_and_weights_match_the_notes():
         "stage2", "stage3", "pool")
     assert defaults(InstanceRelationshipGraph) == {"irg_w_vertex": 0.1, "irg_w_edge": 5.0, "irg_w_transform": 5.0}
     assert DecoupledKD.default_weight == 1.0
-    assert defaults(DecoupledKD) == {"dkd_alpha": 1.0, "dkd_beta": None, "T": 4.0, "dkd_warmup": 20}
+    assert defaults(DecoupledKD) == {"dkd_alpha": 1.0, "dkd_beta": None, "T": 4.0, "dkd_warmup": 20,
+                                     "logit_stand": False}
     assert isinstance(defaults(DecoupledKD)["dkd_warmup"], int)
     default, _, kind = DecoupledKD.hyperparameters["dkd_beta"]
     assert default is None and kind is float
