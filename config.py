@@ -204,7 +204,8 @@ def resolve(args, script):
     if script == "kd":
         refuse_other_methods_flags(values["method"], typed)
         if "teacher_arch" in typed:
-            typed["teacher"] = values["teacher"] = imported_teacher(values["teacher"], typed["teacher_arch"], typed.get("dataset"))
+            typed["teacher"] = values["teacher"] = imported_teacher(values["teacher"], typed["teacher_arch"],
+                                                                    typed.get("dataset"))
         values.update(teacher_fields(values["teacher"], typed.get("dataset")))
     values = {key: value for key, value in values.items() if not is_method_flag(key)}
     if values["output_dir"] is None:

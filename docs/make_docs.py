@@ -51,7 +51,7 @@ with a training step of their own read more than the column shows: `sobolev` the
 row says otherwise; the seed zoo's own deviations from the papers (listed in its README) are kept
 unless the row says otherwise. `--kd-weight` replaces the default weight. The flags are the
 method's hyper-parameters (`python train_kd.py --help` lists them by method); `--T` is shared by
-`st`, `bss` and `dkd`, each with its own default.
+`st`, `bss`, `dkd`, `dist` and `nkd`, each with its own default, and `--logit-stand` by `st` and `dkd`.
 
 **The connector rule.** Methods that compare student and teacher features element-wise
 (`fitnet`, `ab`, `afd`) put a layer + BN on the student's side where the shapes differ
@@ -251,8 +251,10 @@ def render():
     parts += [""] + logit_stand_table()
     parts += ["", "## Published numbers", "",
               "Test top-1 (%) to reproduce, generated from `docs/published.csv` (seed zoo: the seed zoo's README, "
-              "single runs; CRD benchmark: the table in RepDistiller's README, DKD from mdistiller's README; `dml`: "
-              "the seed zoo's ResNet-20 trained beside a ResNet-110).", "",
+              "single runs; CRD benchmark: the table in RepDistiller's README, DKD from mdistiller's README, DIST "
+              "from hunto/DIST_KD's README, CTKD (with plain KD) from its README, ReviewKD from its paper's "
+              "table as quoted in the README of WangYZ1608/Knowledge-Distillation-via-ND; `dml`: the seed "
+              "zoo's ResNet-20 trained beside a ResNet-110).", "",
               f"The seed zoo's pair, {teacher} teacher and {student} student:", ""]
     parts += pair_table(rows) + [""]
     parts += benchmark_tables(rows)

@@ -47,8 +47,8 @@ class InstanceRelationshipGraph(KDMethod):
     edge: mean squared difference of the edge matrices (max-normalised squared distances between
     the batch's samples) of the last two stages' outputs (stage2 and stage3 in a ResNet) and the
     pooled vector, averaged over the three; transform: mean squared difference of the max-normalised
-    per-sample distances between the last two stages' outputs. Every term compares N- or N x N-sized quantities or logits, so any
-    widths pair with no connector. Returned as named terms, each times its weight."""
+    per-sample distances between the last two stages' outputs. Every term compares N- or N x N-sized
+    quantities or logits, so any widths pair with no connector. Returned as named terms, each times its weight."""
 
     paper = "Liu et al. 2019, Knowledge Distillation via Instance Relationship Graph"
     summary = ("vertex (MSE of logits, x0.1), edge (MSE of max-normalised squared-distance matrices of the last "

@@ -3,8 +3,8 @@ import torch.nn.functional as F
 
 from .base import KDMethod, register, same_size, stage_names
 
-# The stage before the last (stage2 in a ResNet), as the seed zoo. After the last stage, a GAP + linear head makes d logit / d feature the
-# same at every position (the classifier row over H*W), so a map built from those gradients alone
+# The stage before the last (stage2 in a ResNet), as the seed zoo. After the last stage, a GAP + linear
+# head makes d logit / d feature the same at every position (the classifier row over H*W), so a map built from those gradients alone
 # (the seed zoo's) is flat, and Grad-CAM reduces to the plain class activation map, a fixed linear
 # read-out of features the logits already see. One stage earlier the gradients vary over H, W.
 
@@ -25,14 +25,14 @@ class LwM(KDMethod):
     """Mean absolute difference between the student's and the teacher's Grad-CAM maps of the
     target class on the stage before the last (stage2 in a ResNet), each flattened per sample and
     L2-normalised (the mean runs over samples and positions); where the maps differ in size, the
-    larger is average-pooled to the smaller first. The student's map keeps its graph (a double backward: its channel weights are
-    gradients); the teacher's comes from its own pass with autograd on. Channel counts may differ."""
+    larger is average-pooled to the smaller first. The student's map keeps its graph (a double
+    backward: its channel weights are gradients); the teacher's comes from its own pass with autograd on. Channel counts may differ."""
 
     paper = "Dhar et al. 2019, Learning without Memorizing"
     summary = "L1 of L2-normalised Grad-CAM maps of the target class (student with a double backward)"
     weight_source = "seed zoo"
-    deviations = ("the stage before the last, not the last (seed zoo); the map is the paper's Grad-CAM (weights x feature "
-                  "map), where the seed zoo multiplies the weights by the gradient; element mean, not the "
+    deviations = ("the stage before the last, not the last (seed zoo); the map is the paper's Grad-CAM (weights x "
+                  "feature map), where the seed zoo multiplies the weights by the gradient; element mean, not the "
                   "per-sample sum")
     default_weight = 0.4
     compilable = False  # double backward

@@ -23,7 +23,8 @@ def negative_response_margin(bn):
 @register("ofd")
 class OverhaulFeatureDistillation(KDMethod):
     """Partial L2 between the student's pre-ReLU stage outputs, through a 1x1 conv + BN connector
-    (always, as in the paper; across spatial sizes the connector rule's conv + BN), and the teacher's, each raised to at least a per-channel margin:
+    (always, as in the paper; across spatial sizes the connector rule's conv + BN), and the
+    teacher's, each raised to at least a per-channel margin:
     target = max(t, margin), squared difference counted only where s > target or target > 0 (a
     student already below a negative target is not pushed), mean over all elements, averaged over
     the stages. The margin is the expected negative response of the teacher channel, computed
@@ -36,8 +37,8 @@ class OverhaulFeatureDistillation(KDMethod):
     weight_source = "seed zoo"
     deviations = ("margin from the teacher's BN as in the paper (the seed zoo uses each batch's mean negative "
                   "response); element mean as the seed zoo (the official sum / batch / 1000 with stage weights "
-                  "corresponds to a weight of about 12 here); across spatial sizes, which the paper's pairs never have, "
-                  "the connector rule's strided or transposed conv instead of the 1x1")
+                  "corresponds to a weight of about 12 here); across spatial sizes, which the paper's pairs "
+                  "never have, the connector rule's strided or transposed conv instead of the 1x1")
     features = PRE_RELU_STAGES
     default_weight = 0.5
 

@@ -25,7 +25,8 @@ _SHUFFLE = [(r"layer(\d+)\.(\d+)\.", stage_block()), (r"conv2\.", "head.0."), (r
             (r"linear\.", "fc.")]
 # architecture name prefix -> (their key prefix, our prefix or a function of the numbers it matched)
 RULES = {
-    "resnet": _RESNET, "ResNet50": _RESNET, "wrn_": _WRN, "vgg": [(r"block(\d)\.", lambda b: f"blocks.{b}."), (r"classifier\.", "fc.")],
+    "resnet": _RESNET, "ResNet50": _RESNET, "wrn_": _WRN,
+    "vgg": [(r"block(\d)\.", lambda b: f"blocks.{b}."), (r"classifier\.", "fc.")],
     "MobileNetV2": [(r"conv1\.", "stem."), (r"blocks\.", "groups."), (r"conv2\.", "head."),
                     (r"classifier\.0\.", "fc.")],
     "ShuffleV1": _SHUFFLE, "ShuffleV2": _SHUFFLE,

@@ -69,7 +69,9 @@ def test_published_numbers_come_from_the_csv():
     assert all(isinstance(v, tuple) and len(v) == 2 for v in c100.values())
     assert c100[("crd", "MobileNetV2", "vgg13")] == (None, 69.73)
     assert c100[("dkd", "ShuffleV1", "resnet32x4")] == (None, 76.45)
-    assert (len(c10), len(c100)) == (23, 196)
+    assert c100[("dist", "resnet8x4", "resnet32x4")] == (None, 76.31)
+    assert c100[("reviewkd", "resnet8x4", "resnet32x4")] == (None, 75.63)
+    assert (len(c10), len(c100)) == (23, 214)
 
 
 def test_published_csv_rejects_an_unknown_source_and_a_duplicate(tmp_path):

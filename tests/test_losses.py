@@ -186,11 +186,12 @@ def test_defaults_match_design():
 FORWARD_METHODS = sorted(name for name in METHODS if METHODS[name].step is KDMethod.step)
 STEP_METHODS = sorted(name for name in METHODS if METHODS[name].step is not KDMethod.step)
 # learnable parts: always, or only where the teacher is wider (a connector); none for the others
-ALWAYS_LEARNS = {"ft", "vid", "ofd", "afd"}
+ALWAYS_LEARNS = {"ft", "vid", "ofd", "afd", "reviewkd", "ctkd"}
 CONNECTS_WIDER = {"fitnet", "ab"}
 # not zero for equal outputs, by definition: VID's likelihood keeps its variance term, OFD's
-# connector always transforms the student, AB's hinge still charges |s| < margin
-NOT_ZERO = {"vid", "ofd", "ab"}
+# connector always transforms the student, AB's hinge still charges |s| < margin, ReviewKD's fusion transforms
+# the student, DIST's correlations carry an epsilon, NKD's target term and non-target cross-entropy stay
+NOT_ZERO = {"vid", "ofd", "ab", "reviewkd", "dist", "nkd"}
 # FSP compares Gram matrices between stages: the channel counts must match, and it has no connector
 NEEDS_EQUAL_WIDTHS = {"fsp"}
 
@@ -232,7 +233,8 @@ def test_finite_and_gradients_reach_student_only(name, teacher_shapes):
         assert term.dim() == 0 and torch.isfinite(term)
     total(loss).backward()
 
-    for key in method.features or ("logits",):  # a method without features distils the logits
+    # a method without features distils the logits; ReviewKD reads the pre-ReLU stages of the teacher only
+    for key in [k for k in method.features if not (name == "reviewkd" and k.endswith("_pre"))] or ["logits"]:
         grad = s[key].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, key
     for key, value in t.items():
