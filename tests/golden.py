@@ -19,3 +19,11 @@ def as64(tensor):
 def close(got, expected):
     """A float32 loss against its float64 recomputation."""
     return got.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
+
+
+def randomize(module, seed):
+    """Every parameter of `module` redrawn, so that no golden value rests on an initial 0 or 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))

@@ -17,6 +17,7 @@ from kd_losses.ofd import OverhaulFeatureDistillation
 from kd_losses.stage import stage_lr
 from kd_losses.vid import VariationalInformation
 from engine import Teacher
+from golden import randomize
 from models import build_model
 
 BATCH = 3
@@ -45,14 +46,6 @@ def as64(tensor):
 
 def close(got, expected):
     return got.item() == pytest.approx(expected, rel=1e-5, abs=1e-8)
-
-
-def randomize(module, seed):
-    """Every parameter of `module` redrawn, so that no golden value rests on an initial 0 or 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def conv1x1(x, conv):

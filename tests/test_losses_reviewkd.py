@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import Teacher
-from golden import as64, close
+from golden import as64, close, randomize
 from kd_losses.reviewkd import ReviewKD, hcl
 from models import build_model
 from test_losses import train_one_step
@@ -31,14 +31,6 @@ def draw(shapes, seed):
 
 def method(weight=2.5, warmup=20):
     return ReviewKD(STUDENT, TEACHER, reviewkd_weight=weight, reviewkd_warmup=warmup, reviewkd_max_mid=512)
-
-
-def randomize(module, seed):
-    """Every parameter redrawn, so that no golden value rests on an initial 0 or 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 # ------------------------------------------------------------------------- numpy recomputation
