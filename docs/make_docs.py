@@ -37,7 +37,9 @@ fails while this file is out of date.*
 `stage1`..`stageK` (stage outputs after ReLU; K = 3 in the ResNets of depth 6n + 2, the Wide
 ResNets and the ShuffleNets, 4 in the VGGs, ResNet50 and MobileNetV2), `stage1_pre`..`stageK_pre`
 (the same before that ReLU: in a ResNet the last block's sum, in a pre-activation Wide ResNet the
-output of the BN that the network applies next) and `pool` (the pooled vector). The "features"
+output of the BN that the network applies next), `pre_pool` (the map the network average-pools: the
+last stage output, or the head's output after it in MobileNetV2 and ShuffleV2) and `pool` (the
+pooled vector). The "features"
 column lists what a method reads besides the logits (its `features` attribute: "every stage" and
 "the last stage" are resolved for each pair, which must then have as many stages, as in every
 pair of the CRD benchmark); the `Distiller` passes it

@@ -64,7 +64,7 @@ class MobileNetV2(nn.Module):
         last_channels = 1280  # RepDistiller keeps 1,280 for every width multiplier up to 1
         self.head = nn.Sequential(*conv_bn(in_channels, last_channels, 1))
         self.fc = nn.Linear(last_channels, num_classes)
-        self.feature_channels = {**widths, "pool": last_channels}
+        self.feature_channels = {**widths, "pre_pool": last_channels, "pool": last_channels}
         for m in self.modules():  # as RepDistiller's MobileNetV2
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))

@@ -19,12 +19,13 @@ def init_conv_bn(model):
 
 def classify(fc, x, feats, features):
     """The head shared by the CIFAR nets: global average pooling and the linear classifier. Returns
-    the logits, or (logits, feats) with the pooled vector added as 'pool' when features is True."""
+    the logits, or (logits, feats) with the map that is pooled added as 'pre_pool' (the last stage
+    output, or a head's output after it) and the pooled vector as 'pool' when features is True."""
     pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
     logits = fc(pooled)
     if not features:
         return logits
-    feats["pool"] = pooled
+    feats["pre_pool"], feats["pool"] = x, pooled
     return logits, feats
 
 
@@ -122,7 +123,7 @@ class CifarResNet(nn.Module):
             in_channels = width
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(widths[-1], num_classes)
-        self.feature_channels = {"stem": stem_width, "pool": widths[-1],
+        self.feature_channels = {"stem": stem_width, "pre_pool": widths[-1], "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
         init_conv_bn(self)

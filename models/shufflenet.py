@@ -121,7 +121,7 @@ class ShuffleNet(nn.Module):
         self.head = head or nn.Identity()
         pool = head[0].out_channels if head else widths[-1]
         self.fc = nn.Linear(pool, num_classes)
-        self.feature_channels = {"stem": 24, "pool": pool, **{f"stage{i}": w for i, w in enumerate(widths, 1)},
+        self.feature_channels = {"stem": 24, "pre_pool": pool, "pool": pool, **{f"stage{i}": w for i, w in enumerate(widths, 1)},
                                  **{f"stage{i}_pre": w for i, w in enumerate(widths, 1)}}
 
     def forward(self, x, features=False):

@@ -51,7 +51,7 @@ class VGG(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(in_channels, num_classes)
         widths = [block_widths[-1] for block_widths in VGG_BLOCKS[depth]]
-        self.feature_channels = {"stem": widths[0], "pool": widths[-1],
+        self.feature_channels = {"stem": widths[0], "pre_pool": widths[-1], "pool": widths[-1],
                                  **{f"stage{i}": w for i, w in enumerate(widths[1:], start=1)},
                                  **{f"stage{i}_pre": w for i, w in enumerate(widths[1:], start=1)}}
         for m in self.modules():  # as RepDistiller's VGG

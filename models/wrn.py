@@ -71,7 +71,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
         if self.stages[0][0].adds_raw:
             self.conv_bn_pairs = ()  # the stem conv's output is also a shortcut: its BN cannot be folded in
-        self.feature_channels = {"stem": 16, "pool": widths[-1],
+        self.feature_channels = {"stem": 16, "pre_pool": widths[-1], "pool": widths[-1],
                                  **{f"stage{i + 1}": w for i, w in enumerate(widths)},
                                  **{f"stage{i + 1}_pre": w for i, w in enumerate(widths)}}
         init_conv_bn(self)

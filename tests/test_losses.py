@@ -198,7 +198,7 @@ NEEDS_EQUAL_WIDTHS = {"fsp"}
 
 def test_every_method_is_in_one_of_the_groups():
     assert set(FORWARD_METHODS) | set(STEP_METHODS) == set(METHODS)
-    assert set(STEP_METHODS) == {"sobolev", "lwm", "bss", "crd", "dml"}
+    assert set(STEP_METHODS) == {"sobolev", "lwm", "bss", "crd", "dml", "catkd"}
 
 
 @pytest.mark.parametrize("name", sorted(set(FORWARD_METHODS) - NOT_ZERO))

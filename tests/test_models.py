@@ -57,7 +57,7 @@ def test_logits_and_features(shortcut):
     assert torch.equal(logits, logits2)
     expected = {"stem": (16, 32, 32), "stage1": (16, 32, 32), "stage1_pre": (16, 32, 32),
                 "stage2": (32, 16, 16), "stage2_pre": (32, 16, 16), "stage3": (64, 8, 8),
-                "stage3_pre": (64, 8, 8), "pool": (64,)}
+                "stage3_pre": (64, 8, 8), "pre_pool": (64, 8, 8), "pool": (64,)}
     assert {k: tuple(v.shape[1:]) for k, v in feats.items()} == expected
     assert model.feature_channels == {k: v[0] for k, v in expected.items()}
     for i in (1, 2, 3):  # post-ReLU stage outputs are the ReLU of the pre-ReLU ones
@@ -137,7 +137,7 @@ def test_x4_resnets_with_the_identity_shortcut_have_no_projections():
 
 
 def feature_shapes(stem, widths):
-    shapes = {"stem": (stem, 32, 32), "pool": (widths[2],)}
+    shapes = {"stem": (stem, 32, 32), "pre_pool": (widths[2], 8, 8), "pool": (widths[2],)}
     for i, (width, size) in enumerate(zip(widths, (32, 16, 8)), start=1):
         shapes[f"stage{i}"] = shapes[f"stage{i}_pre"] = (width, size, size)
     return shapes

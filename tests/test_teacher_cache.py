@@ -152,7 +152,7 @@ def test_auto_builds_only_when_the_run_makes_more_teacher_forwards(teacher, smal
 
 def test_methods_declare_whether_they_can_use_the_cache(teacher, small_root, tmp_path):
     usable = [name for name, cls in METHODS.items() if not cls.teacher_cache_refusal()]
-    assert usable == ["logits", "st", "pkt", "rkd", "cc", "crd", "dkd"]
+    assert usable == ["logits", "st", "pkt", "rkd", "cc", "crd", "dkd", "dist", "ctkd", "nkd"]
     for method, reason in (("bss", "it runs the teacher itself"), ("sobolev", "it runs the teacher itself"),
                            ("dml", "it reads no teacher outputs"), ("at", "the teacher's stages")):
         proc = kd(teacher, small_root, tmp_path / method, method, "--teacher-cache", "on", check=False)
