@@ -218,7 +218,7 @@ def resolve(args, script):
     else:
         values.update(recipe_values(values["dataset"], typed))
     if script == "kd":
-        values.update(method_values(values, typed))
+        values.update(method_values(values, typed, new_run=resume is None))
         if values["sync_bn"] and METHODS[values["method"]].double_backward:
             raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
                             f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
@@ -281,14 +281,17 @@ def refuse_other_methods_flags(method, typed):
                             f"{method}.")
 
 
-def method_values(values, typed):
-    """The chosen method's hyper-parameters and KD weight where values (a resumed run's) lack them:
-    typed, else the method's defaults (with --logit-stand, the official ones under it)."""
+def method_values(values, typed, new_run):
+    """The chosen method's hyper-parameters, KD weight and, in a new run, CE weight where values (a
+    resumed run's) lack them: typed, else the method's defaults (with --logit-stand, the official ones
+    under it)."""
     method = values["method"]
     chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()
               if key not in values}
     if values["kd_weight"] is None:
         chosen["kd_weight"] = default_weight(method, values["dataset"])
+    if new_run and "ce_weight" not in typed:
+        chosen["ce_weight"] = METHODS[method].default_ce_weight
     if chosen.get("logit_stand"):  # a new run with --logit-stand: the official settings under it, where not given
         settings = METHODS[method].logit_stand_defaults(values["teacher_arch"], values["model"])
         chosen.update({key: value for key, value in settings.items() if key not in typed})

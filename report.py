@@ -70,7 +70,7 @@ def variant(args):
     method = args.get("method")
     if method not in METHODS:
         return ""
-    defaults = {"kd_weight": default_weight(method, args["dataset"]), "ce_weight": 1.0,
+    defaults = {"kd_weight": default_weight(method, args["dataset"]), "ce_weight": METHODS[method].default_ce_weight,
                 **default_hyperparameters(method)}
     return ", ".join(f"{key.replace('_', ' ')} {args[key]:g}" if isinstance(args[key], float) else
                      f"{key.replace('_', ' ')} {args[key]}"

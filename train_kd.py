@@ -67,7 +67,10 @@ def main(argv=None):
     info = {"arch": cfg.model, "num_classes": num_classes, "shortcut": cfg.shortcut, "dataset": cfg.dataset,
             "config": vars(cfg), "kd": {"method": cfg.method, "kd_weight": cfg.kd_weight,
                                         "ce_weight": cfg.ce_weight, **hparams},
-            "teacher": {"path": cfg.teacher, "arch": cfg.teacher_arch, "test_top1": teacher_test["top1"]}}
+            "teacher": {"path": cfg.teacher, "arch": cfg.teacher_arch, "test_top1": teacher_test["top1"]},
+            # what evaluation ran and engine.load_predictor rebuilds: the student, or the student through
+            # the method's saved parts (a method that replaces its classifier)
+            "predictor": "method" if method.replaces_classifier else "student"}
     fit(task, optimizer, scheduler, loaders, cfg, info, resume)
 
 

@@ -42,10 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import report  # noqa: E402
 from data import DATASETS, DeviceLoader, load_cifar  # noqa: E402
-from engine import evaluate  # noqa: E402
-from engine.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from engine import evaluate, load_predictor  # noqa: E402
 from kd_losses import METHODS  # noqa: E402
-from models import build_model  # noqa: E402
 from sweep import run as sweep_run  # noqa: E402
 
 DEFAULT_METHODS = ["st", "at", "fitnet", "nst", "ft", "rkd", "logits", "dkd", "pkt", "sp", "crd"]
@@ -147,10 +145,7 @@ def official_test(sweep, official_root, device):
     results = defaultdict(lambda: {"last": [], "best": []})
     for run in report.read_runs(sweep):  # labelled as report.py labels them
         for which in ("last", "best"):
-            path = os.path.join(run["folder"], f"{which}.pt")
-            ckpt = load_checkpoint(path)
-            model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection")).to(device)
-            load_weights(model, ckpt["model"], path)
+            model = load_predictor(os.path.join(run["folder"], f"{which}.pt"), device)
             results[run["label"]][which].append(evaluate(model, loader)["top1"])
     lines = [f"Test top-1 (%) on the {len(test_y):,} official CIFAR-10 test images, mean ± std over seeds "
              f"(the students' best epoch chosen on their held-out training images):", "",

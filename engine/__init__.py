@@ -10,5 +10,5 @@
 from .checkpoint import run_stage  # noqa: F401
 from .loop import build_optimizer, evaluate, fit, train_one_epoch, train_step  # noqa: F401
 from .processes import setup_device  # noqa: F401
-from .tasks import Distiller, Supervised, Teacher  # noqa: F401
+from .tasks import Distiller, Supervised, Teacher, load_predictor  # noqa: F401
 from .teacher_cache import prepare_teacher_cache  # noqa: F401

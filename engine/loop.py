@@ -134,8 +134,8 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
                 exit_on_signal(stop.signum, epoch, last_path)
             share_buffers(task)
             scheduler.step()
-            test = evaluate(task.student, loaders["test"], amp)
-            val = evaluate(task.student, loaders["val"], amp) if "val" in loaders else None
+            test = evaluate(task.predictor(), loaders["test"], amp)
+            val = evaluate(task.predictor(), loaders["val"], amp) if "val" in loaders else None
             row = metrics_row(epoch, lr, train, test, val, time.perf_counter() - start)
             history.append(row)
             improved = (val or test)["top1"] > best["top1"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_losses import METHODS, feature_shapes
 from models import build_model, fold_batchnorm
 from utils import log
 
@@ -42,6 +43,10 @@ class Supervised(nn.Module):
 
     def start_epoch(self, epoch, epochs):
         pass
+
+    def predictor(self):
+        """The model that evaluation runs: the student."""
+        return self.student
 
     def compile_steps(self, device):
         """torch.compile the training step's forward (and so its backward)."""
@@ -114,6 +119,11 @@ class Distiller(nn.Module):
     def start_epoch(self, epoch, epochs):
         self.method.start_epoch(epoch, epochs)
 
+    def predictor(self):
+        """The model that evaluation runs: the student, or, where the method replaces its classifier,
+        the student predicting through the method (SimKD: its projector and the teacher's classifier)."""
+        return MethodPredictor(self.student, self.method) if self.method.replaces_classifier else self.student
+
     def forward(self, images, targets, indices, views):
         if self.kd_weight == 0:
             return self.baseline_loss(images, targets)
@@ -137,3 +147,33 @@ class Distiller(nn.Module):
         else:
             terms["kd"] = self.kd_weight * kd
         return logits, terms
+
+
+class MethodPredictor(nn.Module):
+    """A student whose logits come from a method's classify() on its features."""
+
+    def __init__(self, student, method):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, images):
+        _, feats = self.student(images, features=True)
+        return self.method.classify(feats)
+
+
+def load_predictor(path, device):
+    """The model a checkpoint predicts with: its network, or, where the run's method replaces the
+    network's classifier (the checkpoint's "predictor" is "method"), the network through that
+    method's saved parts (built from the checkpoint's KD settings and architectures)."""
+    ckpt = load_checkpoint(path)
+    network = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection"))
+    load_weights(network, ckpt["model"], path)
+    if ckpt.get("predictor", "student") == "student":
+        return network.to(device)
+    kd = ckpt["kd"]
+    cls = METHODS[kd["method"]]
+    teacher_shapes = feature_shapes(build_model(ckpt["teacher"]["arch"], ckpt["num_classes"]))
+    method = cls(feature_shapes(network), teacher_shapes, **{key: kd[key] for key in cls.hyperparameters})
+    load_weights(method, {k[len("method."):]: v for k, v in ckpt["method"].items() if k.startswith("method.")},
+                 path)
+    return MethodPredictor(network, method).to(device)

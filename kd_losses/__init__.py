@@ -6,19 +6,20 @@ import torch
 # importing registers them; this order (the seed zoo's list, then DKD and the methods after it) is the order
 # of --help and docs/methods.md
 from . import logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab, sp, sobolev, bss, cc, lwm, irg, vid  # noqa: F401, I001
-from . import ofd, afd, crd, dml, dkd, reviewkd, dist, ctkd, nkd, kdsvd, catkd  # noqa: F401, I001
+from . import ofd, afd, crd, dml, dkd, reviewkd, dist, ctkd, nkd, kdsvd, catkd, simkd  # noqa: F401, I001
 from .base import METHODS, KDMethod, register  # noqa: F401
 
 
 def feature_shapes(model, image_size=32):
-    """Per-sample shape of every named feature, from one forward pass of a zero batch in eval mode."""
+    """Per-sample shape of every named feature and of the logits, from one forward pass of a zero batch
+    in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        _, feats = model(torch.zeros(2, 3, image_size, image_size, device=device), features=True)
+        logits, feats = model(torch.zeros(2, 3, image_size, image_size, device=device), features=True)
     model.train(was_training)
-    return {k: tuple(v.shape[1:]) for k, v in feats.items()}
+    return {"logits": tuple(logits.shape[1:]), **{k: tuple(v.shape[1:]) for k, v in feats.items()}}
 
 
 def default_hyperparameters(name):

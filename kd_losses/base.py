@@ -15,6 +15,8 @@ Most methods need nothing else. The hooks below are for the few that do; each ha
       than one forward of each network (input gradients, adversarial samples, a peer network)
   train_stage(student, teacher, batches)  a stage run alone before training (has_stage = True),
       with kd_losses.stage.train_stage, the one stage loop
+  classify(student_features)              the student's logits, for a method that replaces its
+      classifier (replaces_classifier = True: SimKD); evaluation and checkpoints then use it
 """
 import re
 
@@ -62,6 +64,8 @@ class KDMethod(nn.Module):
     compilable = True          # False: --compile leaves the step eager (double backward, data-dependent loops)
     double_backward = False    # True: the step differentiates through a gradient (not with --sync-bn)
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
+    default_ce_weight = 1.0    # the cross-entropy's weight unless --ce-weight is given
+    replaces_classifier = False  # True: the student predicts through the method (classify), in training and tests
     # for a method with the `logit_stand` switch: what --logit-stand brings where not given (None), and
     # the pairs (teacher, student) where the official runs used other values
     logit_stand_settings = {}
@@ -119,6 +123,11 @@ class KDMethod(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             loss = self(as_float(outputs), as_float(teacher_out), targets)
         return logits, loss
+
+    def classify(self, student_features):
+        """The student's logits from its features (model(x, features=True)), for a method that
+        replaces the student's classifier (replaces_classifier)."""
+        raise NotImplementedError
 
     def forward(self, student, teacher, targets):
         raise NotImplementedError
