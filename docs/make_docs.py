@@ -53,7 +53,7 @@ with a training step of their own read more than the column shows: `sobolev` the
 row says otherwise; the seed zoo's own deviations from the papers (listed in its README) are kept
 unless the row says otherwise. `--kd-weight` replaces the default weight. The flags are the
 method's hyper-parameters (`python train_kd.py --help` lists them by method); `--T` is shared by
-`st`, `bss`, `dkd`, `dist` and `nkd`, each with its own default, and `--logit-stand` by `st` and `dkd`.
+`st`, `bss`, `dkd`, `dist` and `nkd`, each with its own default, and `--logit-stand` by `st`, `dkd` and `ctkd`.
 
 **The connector rule.** Methods that compare student and teacher features element-wise
 (`fitnet`, `ab`, `afd`) put a layer + BN on the student's side where the shapes differ
@@ -77,12 +77,12 @@ is written outside the run folder. With `--stage-cache DIR` (opt-in), results ar
 keyed by teacher, student, seed, data, precision and the method's settings, and a later run with the same key
 loads the result instead of training the stage again.
 
-**Logit standardisation** (Sun et al. 2024, `--logit-stand`, for `st` and `dkd`): each sample's
+**Logit standardisation** (Sun et al. 2024, `--logit-stand`, for `st`, `dkd` and `ctkd`): each sample's
 logits are z-scored, `(z - mean) / (1e-7 + std)`, before the temperature, in both networks. The
 switch also brings the official CIFAR-100 runs' settings for the pair unless a flag gives them
 (the method's `logit_stand_settings`, from the official code's configs and log names; the table
 "Logit standardisation settings" below). For `dkd` the KD weight scales alpha and beta, as the
-official code's does.
+official code's does; `ctkd` keeps learning its temperature.
 
 **The teacher cache.** A method reads the teacher's outputs from the teacher cache (`train_kd.py
 --teacher-cache`, README) when it reads only `logits` and `pool` from the teacher and does not run

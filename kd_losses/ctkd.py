@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KDMethod, register
+from .base import LOGIT_STAND, KDMethod, register, standardize
 
 # the temperature's parameter before the sigmoid, as the official Global_T starts it: T = 1 + 20 sigmoid(1) = 15.62
 INITIAL_RAW_T = 1.0
@@ -33,7 +33,7 @@ class CurriculumTemperatureKD(KDMethod):
     by start_epoch; lambda_max until then).
     The KL is taken between log-probabilities: the official form differentiates p_t log p_t through
     the learnable T, which gives 0 * inf = NaN wherever a teacher probability underflows to 0 (CTKD
-    issue 9); here that gradient is 0."""
+    issue 9); here that gradient is 0. With logit_stand, of the z-scored logits (base.standardize)."""
 
     paper = "Li et al. 2023, Curriculum Temperature for Knowledge Distillation"
     summary = ("`T^2 KL(p_t^T ‖ p_s^T)`, batch mean, with one learned `T = 1 + 20 sigmoid(theta)` whose gradient is "
@@ -48,11 +48,16 @@ class CurriculumTemperatureKD(KDMethod):
         "ctkd_t_range": (20.0, "span of the temperature above t_start (the official --t_end)"),
         "ctkd_lambda_max": (1.0, "final strength of the temperature's gradient reversal"),
         "ctkd_lambda_loops": (10, "epochs over which the reversal's strength rises from 0 to lambda_max"),
+        "logit_stand": LOGIT_STAND,
     }
+    # the logit standardisation code's CTKD runs (its CTKD/scripts/run_cifar_distill.sh and log names): KD 9,
+    # CE 0.1 on every pair, the temperature still learned
+    logit_stand_settings = {None: {"kd_weight": 9.0, "ce_weight": 0.1}}
 
     def __init__(self, student_shapes, teacher_shapes, ctkd_t_start, ctkd_t_range, ctkd_lambda_max,
-                 ctkd_lambda_loops):
+                 ctkd_lambda_loops, logit_stand):
         super().__init__(student_shapes, teacher_shapes)
+        self.logit_stand = logit_stand
         self.t_start, self.t_range = ctkd_t_start, ctkd_t_range
         self.lambda_max, self.loops = ctkd_lambda_max, ctkd_lambda_loops
         self.raw_T = nn.Parameter(torch.tensor(INITIAL_RAW_T))  # learnable: trained and checkpointed
@@ -68,6 +73,9 @@ class CurriculumTemperatureKD(KDMethod):
 
     def forward(self, student, teacher, targets):
         T = self.temperature()  # the logits come in fp32 from step() (or in float64, for the tests)
-        log_p_s = F.log_softmax(student["logits"] / T, dim=1)
-        log_p_t = F.log_softmax(teacher["logits"] / T, dim=1)
+        z_s, z_t = student["logits"], teacher["logits"]
+        if self.logit_stand:
+            z_s, z_t = standardize(z_s), standardize(z_t)
+        log_p_s = F.log_softmax(z_s / T, dim=1)
+        log_p_t = F.log_softmax(z_t / T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T ** 2

@@ -56,7 +56,7 @@ def test_logit_stand_brings_the_official_settings_unless_given(teacher):
     cfg, _ = resolve("kd", "--teacher", teacher, "--method", "dkd", "--logit-stand", "--T", 3, "--ce-weight", 0.5,
                      "--device", "cpu")
     assert (cfg.T, cfg.kd_weight, cfg.ce_weight, cfg.dkd_beta) == (3.0, 9.0, 0.5, None)  # beta: the pair's
-    with pytest.raises(UserError, match="--logit-stand belongs to --method st, dkd, not to --method at"):
+    with pytest.raises(UserError, match="--logit-stand belongs to --method st, dkd, ctkd, not to --method at"):
         resolve("kd", "--teacher", teacher, "--method", "at", "--logit-stand", "--device", "cpu")
 
 

@@ -20,7 +20,8 @@ from test_losses import train_one_step
 from test_resume import assert_same_run
 
 BATCH, CLASSES = 5, 10
-DEFAULTS = {"ctkd_t_start": 1.0, "ctkd_t_range": 20.0, "ctkd_lambda_max": 1.0, "ctkd_lambda_loops": 10}
+DEFAULTS = {"ctkd_t_start": 1.0, "ctkd_t_range": 20.0, "ctkd_lambda_max": 1.0, "ctkd_lambda_loops": 10,
+            "logit_stand": False}
 
 
 def method(**changes):
@@ -63,6 +64,18 @@ def test_ctkd_golden(raw_T, t_start, t_range):
     set_raw_T(m, raw_T)
     T = t_start + t_range / (1 + math.exp(-raw_T))
     assert close(m(s, t, torch.arange(BATCH) % CLASSES), kd64(as64(s["logits"]), as64(t["logits"]), T))
+
+
+def test_ctkd_golden_with_logit_standardisation():
+    s, t = fake_outputs({}, 4, BATCH, CLASSES), fake_outputs({}, 5, BATCH, CLASSES)
+    m = method(logit_stand=True)
+    set_raw_T(m, 0.3)
+
+    def z_scored(z):  # per sample, minus the mean, over 1e-7 + the unbiased std
+        return (z - z.mean(1, keepdims=True)) / (1e-7 + z.std(1, ddof=1, keepdims=True))
+    expected = kd64(z_scored(as64(s["logits"])), z_scored(as64(t["logits"])), 1 + 20 / (1 + math.exp(-0.3)))
+    assert close(m(s, t, None), expected)
+    assert CTKD.logit_stand_defaults("resnet32x4", "resnet8x4") == {"kd_weight": 9.0, "ce_weight": 0.1}
 
 
 @pytest.mark.parametrize("epoch", [1, 3, 10, 240])
