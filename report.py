@@ -66,12 +66,15 @@ PUBLISHED = read_published()
 
 
 def variant(args):
-    """What sets a KD run apart from its method's defaults ('kd weight 0.1, T 2'), or ''."""
+    """What sets a KD run apart from its method's defaults ('kd weight 0.1, T 2'), or ''; for a run with
+    --logit-stand, from the settings that switch brings for its pair."""
     method = args.get("method")
     if method not in METHODS:
         return ""
     defaults = {"kd_weight": default_weight(method, args["dataset"]), "ce_weight": METHODS[method].default_ce_weight,
                 **default_hyperparameters(method)}
+    if args.get("logit_stand"):
+        defaults.update(logit_stand=True, **METHODS[method].logit_stand_defaults(args["teacher_arch"], args["model"]))
     return ", ".join(f"{key.replace('_', ' ')} {args[key]:g}" if isinstance(args[key], float) else
                      f"{key.replace('_', ' ')} {args[key]}"
                      for key, default in defaults.items() if key in args and args[key] != default)
@@ -91,7 +94,9 @@ def read_runs(root):
             continue
         selector = "val_top1" if "val_top1" in rows[0] else "test_top1"
         best = max(rows, key=lambda r: r[selector])  # the first epoch with the highest score
-        method, changed = args.get("method", "baseline"), variant(args)
+        # a logit-standardised run is its own method in the table and in the published numbers
+        method = args.get("method", "baseline") + ("+ls" if args.get("logit_stand") else "")
+        changed = variant(args)
         runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
                      "label": f"{method} ({changed})" if changed else method, "epochs": args["epochs"],
                      "model": args["model"], "teacher": args.get("teacher_arch"), "seed": args["seed"],

@@ -254,9 +254,11 @@ def render():
     parts += ["", "## Published numbers", "",
               "Test top-1 (%) to reproduce, generated from `docs/published.csv` (seed zoo: the seed zoo's README, "
               "single runs; CRD benchmark: the table in RepDistiller's README, DKD from mdistiller's README, DIST "
-              "from hunto/DIST_KD's README, CTKD (with plain KD) from its README, SimKD (factor 2) from its README, ReviewKD from its paper's "
-              "table as quoted in the README of WangYZ1608/Knowledge-Distillation-via-ND; `dml`: the seed "
-              "zoo's ResNet-20 trained beside a ResNet-110).", "",
+              "from hunto/DIST_KD's README, CTKD (with plain KD) from its README, SimKD (factor 2) from its "
+              "README, ReviewKD from its paper's table as quoted in the README of "
+              "WangYZ1608/Knowledge-Distillation-via-ND, the logit-standardised `st+ls`, `dkd+ls` and `ctkd+ls` "
+              "from sunshangquan/logit-standardization-KD's README (`report.py` labels a `--logit-stand` run "
+              "METHOD+ls); `dml`: the seed zoo's ResNet-20 trained beside a ResNet-110).", "",
               f"The seed zoo's pair, {teacher} teacher and {student} student:", ""]
     parts += pair_table(rows) + [""]
     parts += benchmark_tables(rows)

@@ -84,6 +84,18 @@ def test_report_labels_runs_off_their_methods_defaults_and_marks_short_ones(tmp_
     assert not table["rkd"]["comparable"] and not table["st (kd weight 0.9, ce weight 0.1, T 2)"]["comparable"]
 
 
+def test_a_logit_standardised_run_is_its_own_method_against_its_own_published_number(tmp_path):
+    """--logit-stand with the settings it brings for the pair: 'st+ls', comparable with the published
+    KD+LS number; another T on top of it: a labelled variant."""
+    ls = dict(logit_stand=True, T=2.0, kd_weight=9.0, ce_weight=0.1)
+    fake_run(tmp_path, "ls", "cifar100", "st", "resnet8x4", 0, [70] * 240, teacher="resnet32x4", **ls)
+    fake_run(tmp_path, "ls-T3", "cifar100", "st", "resnet8x4", 0, [71] * 240, teacher="resnet32x4", **{**ls, "T": 3.0})
+    table = {row["label"]: row for row in report.summarise(report.read_runs(str(tmp_path)))}
+    assert set(table) == {"st+ls", "st+ls (T 3)"}
+    assert table["st+ls"]["comparable"] and table["st+ls"]["published"] == (None, 76.62)
+    assert not table["st+ls (T 3)"]["comparable"]
+
+
 def test_published_numbers_are_per_pair():
     c100 = report.PUBLISHED["cifar100"]
     assert c100[("st", "resnet20", "resnet110")] == (70.06, 70.67)    # seed zoo / CRD benchmark
