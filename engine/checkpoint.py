@@ -24,15 +24,21 @@ def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
-def load_checkpoint(path):
-    """Loads a checkpoint written by this project, refusing anything that needs code to unpickle."""
+def load_weights_only(path):
+    """torch.load on the CPU of a file that holds tensors and plain types only; anything that needs
+    code to unpickle, a truncated file or a missing one is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"Checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, arbitrary code: all refused the same way
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a loadable checkpoint ({first_line}).") from None
+
+
+def load_checkpoint(path):
+    """Loads a checkpoint written by this project, refusing anything that needs code to unpickle."""
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = " (a RepDistiller or mdistiller teacher needs --teacher-arch)" if isinstance(ckpt, dict) and \
             "model" in ckpt else ""
@@ -45,8 +51,7 @@ def import_teacher(path, arch, dataset, num_classes):
     state dict of their network `arch`; the file records neither the architecture nor the data set)
     converted once into ours, saved beside it as <name>.kdzoo.pt and reused while the source's
     contents are unchanged. Returns the path of the converted checkpoint."""
-    if not os.path.isfile(path):
-        raise UserError(f"Checkpoint {path} does not exist.")
+    theirs = load_weights_only(path)
     converted = os.path.splitext(path)[0] + ".kdzoo.pt"
     source_sha256 = file_sha256(path)
     if os.path.isfile(converted):
@@ -55,11 +60,6 @@ def import_teacher(path, arch, dataset, num_classes):
                 and ckpt["dataset"] == dataset:
             log(f"--teacher-arch: reusing {converted}, converted earlier from {path}")
             return converted
-    try:  # weights_only: their files hold tensors and numbers only, and nothing else is accepted
-        theirs = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a loadable checkpoint ({first_line}).") from None
     if isinstance(theirs, dict) and theirs.get("format") == CHECKPOINT_FORMAT:
         raise UserError(f"{path} is this project's checkpoint, which records its architecture; drop --teacher-arch.")
     if not isinstance(theirs, dict) or not isinstance(theirs.get("model"), dict):

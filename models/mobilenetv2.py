@@ -7,11 +7,9 @@ Features, at RepDistiller's points: 'stem' (after the stem's ReLU, 16x16), 'stag
 and 'pool' (1,280). A group ends on a linear bottleneck, with no ReLU after it, so 'stagek_pre' is
 the same tensor as 'stagek'.
 """
-import math
-
 import torch.nn as nn
 
-from .resnet import classify
+from .resnet import classify, init_like_repdistiller
 
 # (expansion, output channels at width 1, blocks, first block's stride) per group
 GROUPS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -65,14 +63,7 @@ class MobileNetV2(nn.Module):
         self.head = nn.Sequential(*conv_bn(in_channels, last_channels, 1))
         self.fc = nn.Linear(last_channels, num_classes)
         self.feature_channels = {**widths, "pre_pool": last_channels, "pool": last_channels}
-        for m in self.modules():  # as RepDistiller's MobileNetV2
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.fc.weight, 0, 0.01)
-        nn.init.zeros_(self.fc.bias)
+        init_like_repdistiller(self)
 
     def pre_relu_batchnorms(self):
         """{'stagek_pre': the last BN of the feature's group} (RepDistiller's choice; where that

@@ -3,6 +3,8 @@ blocks with 16, 32 and 64 channels, global average pooling and a linear classifi
 resnet8x4 / resnet32x4 (RepDistiller) are the same nets with a 32-channel stem and 64/128/256 channels,
 and its ResNet50 the same frame with a 64-channel stem and four stages of 3/4/6/3 bottleneck blocks
 (256/512/1024/2048 channels, no max-pool)."""
+import math
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,6 +17,33 @@ def init_conv_bn(model):
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_like_repdistiller(model):
+    """RepDistiller's VGG and MobileNetV2 initialisation: convolutions N(0, sqrt(2 / (k * k * out))) with
+    a zero bias, BN weight 1 and bias 0, the classifier N(0, 0.01) with a zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(model.fc.weight, 0, 0.01)
+    nn.init.zeros_(model.fc.bias)
+
+
+def run_stages(stages, x, feats):
+    """Runs the stages (each a list of blocks returning their output before its last ReLU), records
+    each stage's output before and after that ReLU in feats as 'stageK_pre' and 'stageK', and returns
+    the last stage's output."""
+    for i, stage in enumerate(stages, start=1):
+        for block in stage:
+            pre = block(x)
+            x = F.relu(pre)
+        feats[f"stage{i}_pre"], feats[f"stage{i}"] = pre, x
+    return x
 
 
 def classify(fc, x, feats, features):
@@ -140,9 +169,5 @@ class CifarResNet(nn.Module):
     def forward(self, x, features=False):
         x = F.relu(self.bn1(self.conv1(x)))
         feats = {"stem": x}
-        for i, stage in enumerate(self.stages, start=1):
-            for block in stage:
-                pre = block(x)
-                x = F.relu(pre)
-            feats[f"stage{i}_pre"], feats[f"stage{i}"] = pre, x
+        x = run_stages(self.stages, x, feats)
         return classify(self.fc, x, feats, features)

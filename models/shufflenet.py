@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import classify
+from .resnet import classify, run_stages
 
 
 def shuffle_channels(x, groups):
@@ -127,11 +127,7 @@ class ShuffleNet(nn.Module):
     def forward(self, x, features=False):
         x = F.relu(self.bn1(self.conv1(x)))
         feats = {"stem": x}
-        for i, stage in enumerate(self.stages, start=1):
-            for block in stage:
-                pre = block(x)
-                x = F.relu(pre)
-            feats[f"stage{i}_pre"], feats[f"stage{i}"] = pre, x
+        x = run_stages(self.stages, x, feats)
         return classify(self.fc, self.head(x), feats, features)
 
 

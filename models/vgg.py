@@ -6,12 +6,10 @@ average pooling and one linear classifier; no hidden FC layers, no dropout.
 Features: 'stem' is the first block's output (after ReLU); 'stage1'..'stage4' are the outputs of
 blocks 1..4, after their ReLU, and 'stage1_pre'..'stage4_pre' the same before it (the block's last BN).
 """
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import classify
+from .resnet import classify, init_like_repdistiller
 
 # output channels of each convolution, per block (RepDistiller's configurations S, A, B, D and E)
 VGG_BLOCKS = {
@@ -54,15 +52,7 @@ class VGG(nn.Module):
         self.feature_channels = {"stem": widths[0], "pre_pool": widths[-1], "pool": widths[-1],
                                  **{f"stage{i}": w for i, w in enumerate(widths[1:], start=1)},
                                  **{f"stage{i}_pre": w for i, w in enumerate(widths[1:], start=1)}}
-        for m in self.modules():  # as RepDistiller's VGG
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.fc.weight, 0, 0.01)
-        nn.init.zeros_(self.fc.bias)
+        init_like_repdistiller(self)
 
     def pre_relu_batchnorms(self):
         """{'stagek_pre': the BN whose output is exactly that feature}: each block's last layer."""

@@ -1,4 +1,5 @@
 """Helpers shared by the golden-value tests of the KD losses."""
+import numpy as np
 import pytest
 import torch
 
@@ -27,3 +28,12 @@ def randomize(module, seed):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def batchnorm_train(x, bn):
+    """x (float64, N x C x H x W) through `bn` with the batch's statistics (biased variance), as in
+    training mode."""
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    gamma, beta = as64(bn.weight).reshape(1, -1, 1, 1), as64(bn.bias).reshape(1, -1, 1, 1)
+    return (x - mean) / np.sqrt(var + bn.eps) * gamma + beta

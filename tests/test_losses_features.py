@@ -17,7 +17,7 @@ from kd_losses.ofd import OverhaulFeatureDistillation
 from kd_losses.stage import stage_lr
 from kd_losses.vid import VariationalInformation
 from engine import Teacher
-from golden import randomize
+from golden import batchnorm_train, randomize
 from models import build_model
 
 BATCH = 3
@@ -51,14 +51,6 @@ def close(got, expected):
 def conv1x1(x, conv):
     """x: N x C_in x H x W; a bias-free 1x1 convolution."""
     return np.einsum("oc,nchw->nohw", as64(conv.weight[:, :, 0, 0]), x)
-
-
-def batchnorm_train(x, bn):
-    """BN with the batch's statistics (biased variance), as in training mode."""
-    mean = x.mean(axis=(0, 2, 3), keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
-    gamma, beta = as64(bn.weight).reshape(1, -1, 1, 1), as64(bn.bias).reshape(1, -1, 1, 1)
-    return (x - mean) / np.sqrt(var + bn.eps) * gamma + beta
 
 
 def connected(x, module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import Teacher
-from golden import as64, close, randomize
+from golden import as64, batchnorm_train, close, randomize
 from kd_losses.reviewkd import ReviewKD, hcl
 from models import build_model
 from test_losses import train_one_step
@@ -55,13 +55,6 @@ def hcl64(s, t):
     weights = HCL_WEIGHTS[s.shape[-1]]
     terms = [mse(block_mean(s, size), block_mean(t, size)) for size in sizes]
     return sum(w * term for w, term in zip(weights, terms)) / sum(weights)
-
-
-def batchnorm_train(x, bn):
-    mean = x.mean(axis=(0, 2, 3), keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
-    gamma, beta = as64(bn.weight).reshape(1, -1, 1, 1), as64(bn.bias).reshape(1, -1, 1, 1)
-    return (x - mean) / np.sqrt(var + bn.eps) * gamma + beta
 
 
 def conv1x1(x, conv):

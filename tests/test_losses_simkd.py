@@ -11,20 +11,12 @@ import torch
 from conftest import DEVICE, run_script
 from data import DATASETS, DeviceLoader, load_cifar
 from engine import evaluate, load_predictor
-from golden import as64, close, randomize
+from golden import as64, batchnorm_train, close, randomize
 from kd_losses.simkd import SimKD
 
 BATCH = 3
 STUDENT = {"pre_pool": (6, 4, 4), "logits": (10,)}
 TEACHER = {"pre_pool": (8, 2, 2), "logits": (10,)}
-
-
-def batchnorm_relu(x, bn):
-    """BN with the batch's statistics (biased variance, as in training), then ReLU."""
-    mean = x.mean(axis=(0, 2, 3), keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
-    y = (x - mean) / np.sqrt(var + bn.eps) * as64(bn.weight)[None, :, None, None] + as64(bn.bias)[None, :, None, None]
-    return np.maximum(y, 0)
 
 
 def conv(x, weight):
@@ -52,7 +44,7 @@ def test_simkd_golden():
     x = as64(s_map).reshape(BATCH, 6, 2, 2, 2, 2).mean(axis=(3, 5))  # 4x4 pooled to the teacher's 2x2
     p = method.projector
     for c, bn in ((p[0], p[1]), (p[3], p[4]), (p[6], p[7])):
-        x = batchnorm_relu(conv(x, as64(c.weight)), bn)
+        x = np.maximum(batchnorm_train(conv(x, as64(c.weight)), bn), 0)
     assert x.shape == (BATCH, 8, 2, 2)  # C_t / 2 = 4 in the middle, C_t at the end
     assert close(loss, ((x - as64(t_map)) ** 2).mean())
     expected = x.mean(axis=(2, 3)) @ as64(method.teacher_fc.weight).T + as64(method.teacher_fc.bias)
