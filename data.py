@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rand_augment import rand_augment
 from utils import UserError, log
 
 
@@ -181,11 +182,13 @@ class DeviceLoader:
     'reflect') with their own seeded generator (its state is all a resumed run needs to replay the
     same batches); evaluation loaders do neither.
 
-    Training batches are (images, labels, indices, views): indices are the samples' positions in the
-    set (with `negatives` = K > 0, N x (1 + K): column 0 the sample, then K samples of other classes
-    drawn uniformly, a contrastive method's negatives); views are the augmentations drawn
-    (data.view_code). `positions` maps a sample to its position in the data set's training files
-    (they differ when --val-split holds images out). Evaluation batches are (images, labels).
+    Training batches are (images, labels, indices, views, strong): indices are the samples' positions
+    in the set (with `negatives` = K > 0, N x (1 + K): column 0 the sample, then K samples of other
+    classes drawn uniformly, a contrastive method's negatives); views are the augmentations drawn
+    (data.view_code); strong is None, or, when `strong_view` is set, a second view of the same images,
+    cropped and flipped anew and then strongly augmented (rand_augment.rand_augment).
+    `positions` maps a sample to its position in the data set's training files (they differ when
+    --val-split holds images out). Evaluation batches are (images, labels).
 
     Under torchrun (world_size > 1) batch_size is the global batch: every process draws the same
     permutation and augmentation for the whole global batch and keeps its own contiguous slice, so
@@ -199,6 +202,7 @@ class DeviceLoader:
         self.images, self.labels, self.padding = images, labels, padding
         self.positions = torch.arange(len(labels), device=labels.device) if positions is None else positions
         self.negatives = 0  # other-class indices per sample: see add_negatives
+        self.strong_view = False  # True: batches carry a strongly augmented second view (see _strong_view)
         self.batch_size, self.train = batch_size, train
         self.rank, self.world_size = rank, world_size
         device = images.device
@@ -247,10 +251,21 @@ class DeviceLoader:
                 break
             batch, views = random_crop_flip(self.images[index], self.generator, self.padding)
             labels = self.labels[index]
+            strong = self._strong_view(index)
             if self.negatives:
                 index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
-            yield self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi], views[lo:hi]
+            yield (self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi], views[lo:hi],
+                   None if strong is None else self.normalize(strong[lo:hi]))
+
+    def _strong_view(self, index):
+        """The images at `index` cropped and flipped anew (their own draw, as a second torchvision
+        pipeline would) and then strongly augmented, uint8; None unless `strong_view` is set (and
+        then nothing is drawn, so that runs without it keep their batches)."""
+        if not self.strong_view:
+            return None
+        crops, _ = random_crop_flip(self.images[index], self.generator, self.padding)
+        return rand_augment(crops, self.generator)
 
     def add_negatives(self, k):
         """From now on, batches carry k other-class indices per sample (see the class docstring)."""

@@ -41,6 +41,8 @@ def main(argv=None):
     method.to(device, memory_format=memory_format)
     if method.negatives_per_sample:
         loaders["train"].add_negatives(method.negatives_per_sample)
+    # at KD weight 0 the step is the baseline's, on the baseline's batches
+    loaders["train"].strong_view = method.strong_view and cfg.kd_weight != 0
 
     if is_main():
         if method.has_stage and cfg.stage_cache:

@@ -53,7 +53,8 @@ with a training step of their own read more than the column shows: `sobolev` the
 row says otherwise; the seed zoo's own deviations from the papers (listed in its README) are kept
 unless the row says otherwise. `--kd-weight` replaces the default weight. The flags are the
 method's hyper-parameters (`python train_kd.py --help` lists them by method); `--T` is shared by
-`st`, `bss`, `dkd`, `dist` and `nkd`, each with its own default, and `--logit-stand` by `st`, `dkd` and `ctkd`.
+`st`, `bss`, `dkd`, `dist`, `nkd` and `mlkd`, each with its own default, and `--logit-stand` by `st`, `dkd`,
+`ctkd` and `mlkd`.
 
 **The connector rule.** Methods that compare student and teacher features element-wise
 (`fitnet`, `ab`, `afd`) put a layer + BN on the student's side where the shapes differ
@@ -77,17 +78,25 @@ is written outside the run folder. With `--stage-cache DIR` (opt-in), results ar
 keyed by teacher, student, seed, data, precision and the method's settings, and a later run with the same key
 loads the result instead of training the stage again.
 
-**Logit standardisation** (Sun et al. 2024, `--logit-stand`, for `st`, `dkd` and `ctkd`): each sample's
+**Logit standardisation** (Sun et al. 2024, `--logit-stand`, for `st`, `dkd`, `ctkd` and `mlkd`): each sample's
 logits are z-scored, `(z - mean) / (1e-7 + std)`, before the temperature, in both networks. The
 switch also brings the official CIFAR-100 runs' settings for the pair unless a flag gives them
 (the method's `logit_stand_settings`, from the official code's configs and log names; the table
 "Logit standardisation settings" below). For `dkd` the KD weight scales alpha and beta, as the
-official code's does; `ctkd` keeps learning its temperature.
+official code's does; `ctkd` keeps learning its temperature; `mlkd` z-scores the logits of its
+instance (KD) terms only, as the official code does.
 
 **The teacher cache.** A method reads the teacher's outputs from the teacher cache (`train_kd.py
 --teacher-cache`, README) when it reads only `logits` and `pool` from the teacher and does not run
-the teacher itself (`runs_teacher`): the "teacher cache" column, derived from those two attributes
-(`KDMethod.teacher_cache_refusal`).
+the teacher itself (`runs_teacher`) nor on a strong view (`strong_view`): the "teacher cache" column,
+derived from those attributes (`KDMethod.teacher_cache_refusal`).
+
+**The strong view.** `mlkd` trains on two views of each image: the usual crop and flip, and a second
+crop and flip followed by MLKD's RandAugment (two of 14 PIL operations, each at a uniformly drawn
+strength) and a cutout. The training loader makes it on the device with its own seeded generator
+(`DeviceLoader.strong_view`, `rand_augment.py`), so a resumed run draws the same views and torchrun's
+processes slice one global draw. The student and the teacher each run on both views, and the
+cross-entropy is taken on both. A method asks for it with `strong_view = True`.
 
 **Cost.** `sobolev` and `lwm` take a double backward, `bss` ten teacher forward/backward passes
 on its samples per step, `crd` scores every batch against its memory banks, and `dml` trains a
@@ -256,8 +265,8 @@ def render():
               "single runs; CRD benchmark: the table in RepDistiller's README, DKD from mdistiller's README, DIST "
               "from hunto/DIST_KD's README, CTKD (with plain KD) from its README, SimKD (factor 2) from its "
               "README, ReviewKD from its paper's table as quoted in the README of "
-              "WangYZ1608/Knowledge-Distillation-via-ND, the logit-standardised `st+ls`, `dkd+ls` and `ctkd+ls` "
-              "from sunshangquan/logit-standardization-KD's README (`report.py` labels a `--logit-stand` run "
+              "WangYZ1608/Knowledge-Distillation-via-ND, MLKD and the logit-standardised `st+ls`, `dkd+ls`, "
+              "`ctkd+ls` and `mlkd+ls` from sunshangquan/logit-standardization-KD's README (`report.py` labels a `--logit-stand` run "
               "METHOD+ls); `dml`: the seed zoo's ResNet-20 trained beside a ResNet-110).", "",
               f"The seed zoo's pair, {teacher} teacher and {student} student:", ""]
     parts += pair_table(rows) + [""]

@@ -35,10 +35,11 @@ def build_optimizer(task, cfg):
     return optimizer, scheduler
 
 
-def train_step(task, optimizer, images, targets, indices, views, amp=False):
-    """One optimisation step on one training batch: (logits, loss, terms), all still on the device."""
-    with autocast(images.device, amp):
-        logits, terms = task(images, targets, indices, views)
+def train_step(task, optimizer, batch, amp=False):
+    """One optimisation step on one training batch (a training DeviceLoader's (images, labels, indices,
+    views, strong)): (logits, loss, terms), all still on the device."""
+    with autocast(batch[0].device, amp):
+        logits, terms = task(*batch)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -57,8 +58,9 @@ def train_one_epoch(task, loader, optimizer, desc="train", stop=None, amp=False)
     first_bad_step = torch.tensor(-1, device=device)
     check_every = 1 if device.type == "cpu" else CHECK_EVERY
     bar = progress_bar(loader, desc) if is_main() else loader
-    for step, (images, targets, indices, views) in enumerate(bar, start=1):
-        logits, loss, terms = train_step(task, optimizer, images, targets, indices, views, amp)
+    for step, batch in enumerate(bar, start=1):
+        logits, loss, terms = train_step(task, optimizer, batch, amp)
+        targets = batch[1]
         n = len(targets)
         for name, value in (("loss", loss), *terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach() * n

@@ -1,11 +1,11 @@
 """The tasks the loop trains, and the frozen teacher.
 
-A task is an nn.Module whose forward(images, targets, indices, views) returns (student_logits,
-terms), terms mapping a name ('ce', 'kd', ...) to a weighted scalar loss whose sum is optimised;
-indices are the batch's positions in the training set and views its augmentations
-(data.DeviceLoader). start_epoch(epoch, epochs) runs before each epoch. Everything a task holds
-as a submodule (student, connectors, translators, a peer) is trained and checkpointed. The teacher
-is a plain object, so it is never part of that.
+A task is an nn.Module whose forward(images, targets, indices, views, strong) returns
+(student_logits, terms), terms mapping a name ('ce', 'kd', ...) to a weighted scalar loss whose sum
+is optimised; indices are the batch's positions in the training set, views its augmentations and
+strong its strongly augmented second view or None (data.DeviceLoader). start_epoch(epoch, epochs)
+runs before each epoch. Everything a task holds as a submodule (student, connectors, translators, a
+peer) is trained and checkpointed. The teacher is a plain object, so it is never part of that.
 """
 import copy
 
@@ -34,7 +34,7 @@ class Supervised(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, images, targets, indices, views):
+    def forward(self, images, targets, indices, views, strong=None):
         return self.student_loss(images, targets)
 
     def student_loss(self, images, targets):
@@ -124,7 +124,7 @@ class Distiller(nn.Module):
         the student predicting through the method (SimKD: its projector and the teacher's classifier)."""
         return MethodPredictor(self.student, self.method) if self.method.replaces_classifier else self.student
 
-    def forward(self, images, targets, indices, views):
+    def forward(self, images, targets, indices, views, strong=None):
         if self.kd_weight == 0:
             return self.baseline_loss(images, targets)
         if self.teacher_cache is not None:
@@ -133,6 +133,10 @@ class Distiller(nn.Module):
             teacher_out = self.teacher.outputs(images, self.method.features)
         else:
             teacher_out = {}
+        if strong is not None:  # a strong_view method: its step gets both views, and the teacher's outputs on both
+            images = (images, strong)
+            teacher_out.update({f"strong_{name}": value
+                                for name, value in self.teacher.outputs(strong, self.method.features).items()})
         return self.student_loss(images, targets, indices, teacher_out)
 
     def baseline_loss(self, images, targets):
@@ -141,12 +145,14 @@ class Distiller(nn.Module):
 
     def student_loss(self, images, targets, indices, teacher_out):
         logits, kd = self.method.step(self.student, images, targets, indices, teacher_out)
-        terms = {"ce": self.ce_weight * F.cross_entropy(logits.float(), targets)}
+        # the cross-entropy of every view the student saw (a strong_view method returns the logits of both)
+        views = logits if isinstance(logits, tuple) else (logits,)
+        terms = {"ce": self.ce_weight * sum(F.cross_entropy(view.float(), targets) for view in views)}
         if isinstance(kd, dict):
             terms.update({f"kd_{name}": self.kd_weight * value for name, value in kd.items()})
         else:
             terms["kd"] = self.kd_weight * kd
-        return logits, terms
+        return views[0], terms
 
 
 class MethodPredictor(nn.Module):

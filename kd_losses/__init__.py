@@ -6,7 +6,7 @@ import torch
 # importing registers them; this order (the seed zoo's list, then DKD and the methods after it) is the order
 # of --help and docs/methods.md
 from . import logits, st, at, fitnet, nst, pkt, fsp, ft, rkd, ab, sp, sobolev, bss, cc, lwm, irg, vid  # noqa: F401, I001
-from . import ofd, afd, crd, dml, dkd, reviewkd, dist, ctkd, nkd, kdsvd, catkd, simkd  # noqa: F401, I001
+from . import ofd, afd, crd, dml, dkd, reviewkd, dist, ctkd, nkd, kdsvd, catkd, simkd, mlkd  # noqa: F401, I001
 from .base import METHODS, KDMethod, register  # noqa: F401
 
 

@@ -12,7 +12,8 @@ Most methods need nothing else. The hooks below are for the few that do; each ha
   start_epoch(epoch, epochs)              before each training epoch (1-based): weight schedules
   step(student, images, targets, indices, teacher_out)
                                           the whole training step, for methods that need more
-      than one forward of each network (input gradients, adversarial samples, a peer network)
+      than one forward of each network (input gradients, adversarial samples, a peer network, a
+      second view: strong_view = True)
   train_stage(student, teacher, batches)  a stage run alone before training (has_stage = True),
       with kd_losses.stage.train_stage, the one stage loop
   classify(student_features)              the student's logits, for a method that replaces its
@@ -66,6 +67,10 @@ class KDMethod(nn.Module):
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
     default_ce_weight = 1.0    # the cross-entropy's weight unless --ce-weight is given
     replaces_classifier = False  # True: the student predicts through the method (classify), in training and tests
+    # True: training batches carry a strongly augmented second view (data.DeviceLoader.strong_view); step()
+    # then gets images as (weak, strong) and the teacher's outputs on the strong view as 'strong_<name>', and
+    # may return the student's logits on both, (weak, strong), each of which gets the cross-entropy (MLKD)
+    strong_view = False
     # for a method with the `logit_stand` switch: what --logit-stand brings where not given (None), and
     # the pairs (teacher, student) where the official runs used other values
     logit_stand_settings = {}
@@ -77,6 +82,8 @@ class KDMethod(nn.Module):
         teacher itself."""
         if cls.runs_teacher:
             return "it runs the teacher itself"
+        if cls.strong_view:
+            return "it reads the teacher on a strongly augmented view, which the cache does not hold"
         if not cls.reads_teacher:
             return "it reads no teacher outputs"
         uncached = [STAGE_WORDS.get(name, name) for name in cls.features if name not in CACHED_OUTPUTS]

@@ -28,7 +28,7 @@ def first_step(rank, world_size):
     images, labels = synthetic(64, 0)
     loader = DeviceLoader(images, labels, 16, spec.mean, spec.std, train=True, seed=3, rank=rank,
                           world_size=world_size)
-    x, y, indices, views = next(iter(loader))
+    x, y, indices, views, _ = next(iter(loader))
     torch.manual_seed(0)
     task = Supervised(build_model("resnet8", 10)).eval()
     if world_size > 1:
@@ -68,10 +68,10 @@ def crd(rank, world_size):
     optimizer = torch.optim.SGD(task.parameters(), lr=0.05, momentum=0.9)
     trainer = wrap_for_processes(task, torch.device("cpu"), sync_bn=False)
     losses = []
-    for x, y, indices, views in loader:
-        _, loss, terms = train_step(trainer, optimizer, x, y, indices, views)
+    for batch in loader:
+        _, loss, terms = train_step(trainer, optimizer, batch)
         # each process's mean over its slice, weighted by its size: the global batch's mean
-        sums = over_processes(torch.stack([loss.detach(), terms["kd"].detach(), torch.tensor(1.0)]) * len(y))
+        sums = over_processes(torch.stack([loss.detach(), terms["kd"].detach(), torch.tensor(1.0)]) * len(batch[1]))
         losses.append(sums[:2] / sums[2])
     check_replicas(task)
 

@@ -59,7 +59,7 @@ def test_help_shows_every_flag(script, capsys):
     assert flags and all(flag in shown for flag in flags)
     if script is train_kd:  # every method's flags, a shared one with each method's default
         assert len([f for f in flags if f not in train_base.get_args_parser()._option_string_actions]) > 30
-        assert "(default: st 4.0, bss 3.0, dkd 4.0, dist 4.0, nkd 3.0)" in " ".join(shown.split())
+        assert "(default: st 4.0, bss 3.0, dkd 4.0, dist 4.0, nkd 3.0, mlkd 4.0)" in " ".join(shown.split())
 
 
 def test_missing_required_kd_flags(capsys):

@@ -56,7 +56,11 @@ def test_logit_stand_brings_the_official_settings_unless_given(teacher):
     cfg, _ = resolve("kd", "--teacher", teacher, "--method", "dkd", "--logit-stand", "--T", 3, "--ce-weight", 0.5,
                      "--device", "cpu")
     assert (cfg.T, cfg.kd_weight, cfg.ce_weight, cfg.dkd_beta) == (3.0, 9.0, 0.5, None)  # beta: the pair's
-    with pytest.raises(UserError, match="--logit-stand belongs to --method st, dkd, ctkd, not to --method at"):
+    cfg, _ = resolve("kd", "--teacher", teacher, "--method", "mlkd", "--device", "cpu")
+    assert (cfg.logit_stand, cfg.T, cfg.kd_weight, cfg.ce_weight) == (False, 4.0, 0.9, 0.1)
+    cfg, _ = resolve("kd", "--teacher", teacher, "--method", "mlkd", "--logit-stand", "--device", "cpu")
+    assert (cfg.logit_stand, cfg.T, cfg.kd_weight, cfg.ce_weight) == (True, 2.0, 9.0, 0.1)
+    with pytest.raises(UserError, match="--logit-stand belongs to --method st, dkd, ctkd, mlkd, not to --method at"):
         resolve("kd", "--teacher", teacher, "--method", "at", "--logit-stand", "--device", "cpu")
 
 

@@ -65,7 +65,7 @@ def test_training_steps_make_no_host_synchronisation(method):
     try:
         for step in range(1, 50):
             torch.cuda.set_sync_debug_mode("error" if step >= 2 else 0)
-            _, loss, _ = train_step(task, optimizer, *next(batches), amp=True)
+            _, loss, _ = train_step(task, optimizer, next(batches), amp=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)

@@ -197,14 +197,14 @@ def test_training_batches_carry_indices_and_other_class_negatives():
     images, labels = position_images(100), torch.arange(100) % 7  # uneven classes: 15 or 14 images each
     mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
     loader = DeviceLoader(images, labels, 32, mean, std, train=True, seed=0)
-    plain = [(y.clone(), i.clone()) for _, y, i, _ in loader]
+    plain = [(y.clone(), i.clone()) for _, y, i, _, _ in loader]
     seen = torch.cat([i for _, i in plain])
     assert sorted(seen.tolist()) == list(range(100))  # every sample once per epoch, by its index
     assert all(torch.equal(labels[i], y) for y, i in plain)
 
     loader.add_negatives(50)
     drawn = []
-    for _, y, i, _ in loader:
+    for _, y, i, _, _ in loader:
         assert i.shape == (len(y), 51) and torch.equal(labels[i[:, 0]], y)
         assert (labels[i[:, 1:]] != y[:, None]).all()  # never the sample's own class
         drawn.append(i[:, 1:])
@@ -214,5 +214,5 @@ def test_training_batches_carry_indices_and_other_class_negatives():
     def negatives(seed):
         again = DeviceLoader(images, labels, 32, mean, std, train=True, seed=seed)
         again.add_negatives(50)
-        return torch.cat([i for _, _, i, _ in again])
+        return torch.cat([i for _, _, i, _, _ in again])
     assert torch.equal(negatives(3), negatives(3)) and not torch.equal(negatives(3), negatives(4))

@@ -198,7 +198,7 @@ NEEDS_EQUAL_WIDTHS = {"fsp"}
 
 def test_every_method_is_in_one_of_the_groups():
     assert set(FORWARD_METHODS) | set(STEP_METHODS) == set(METHODS)
-    assert set(STEP_METHODS) == {"sobolev", "lwm", "bss", "crd", "dml", "catkd", "simkd"}
+    assert set(STEP_METHODS) == {"sobolev", "lwm", "bss", "crd", "dml", "catkd", "simkd", "mlkd"}
 
 
 @pytest.mark.parametrize("name", sorted(set(FORWARD_METHODS) - NOT_ZERO))
@@ -273,11 +273,13 @@ def test_loss_is_float32_under_bf16_autocast(name):
 
 # ------------------------------------------------------------------------------------ real models
 
-def training_batch(labels, negatives, n=8):
+def training_batch(labels, method, n=8):
+    """The first training batch, as train_kd.py's loader gives it to `method`."""
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     loader = DeviceLoader(images, labels, n, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True, seed=0)
-    loader.add_negatives(negatives)
+    loader.add_negatives(method.negatives_per_sample)
+    loader.strong_view = method.strong_view
     return next(iter(loader))
 
 
@@ -306,8 +308,7 @@ def train_one_step(name, student, teacher, classes, batch=8):
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).train()
     nets = (teacher.network, teacher.folded)
     teacher_before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
-    images, targets_, indices, views = training_batch(labels, method.negatives_per_sample, batch)
-    _, terms = task(images, targets_, indices, views)
+    _, terms = task(*training_batch(labels, method, batch))
     assert all(value.dim() == 0 and torch.isfinite(value) for value in terms.values()), terms
     sum(terms.values()).backward()
     trained = [p for p in student.parameters() if p.requires_grad]  # SimKD freezes the unused classifier
@@ -333,8 +334,7 @@ def test_own_step_is_zero_for_identical_networks(name):
     if name == "dml":
         method.peer.load_state_dict(student.state_dict())
     task = Distiller(student, teacher, method, ce_weight=1.0, kd_weight=1.0).eval()
-    images, targets_, indices, views = training_batch(labels, 0)
-    _, terms = task(images, targets_, indices, views)
+    _, terms = task(*training_batch(labels, method))
     kd = terms["kd_kl"] if name == "dml" else terms["kd"]
     assert abs(kd.item()) < 1e-6
 

@@ -71,8 +71,10 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(bigger_cifar10, tmp_pa
 
 # ft: a stage's result; crd: memory banks, Z and the loader's contrastive indices; bss: an epoch
 # schedule and an attack that draws from the global generator; reviewkd: learnable fusion blocks and a warm-up;
-# simkd: a projector, the teacher's classifier and evaluation through them
-@pytest.mark.parametrize("method", ["st", "ft", "crd", "bss", "reviewkd", "simkd"])
+# simkd: a projector, the teacher's classifier and evaluation through them; mlkd: the strong view's draws.
+# st in the default tier, the others (3 to 7 s each) in the slow one
+@pytest.mark.parametrize("method", ["st", *(pytest.param(method, marks=pytest.mark.slow)
+                                           for method in ("ft", "crd", "bss", "reviewkd", "simkd", "mlkd"))])
 def test_kd_resume_equals_the_uninterrupted_run(method, teacher, cifar10_root, tmp_path):
     common = ("--teacher", teacher, "--method", method, "--data-root", cifar10_root,
               "--student", "resnet8", "--batch-size", 32, "--lr-milestones", 2, "--device", DEVICE, *EXACT,

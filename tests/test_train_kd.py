@@ -112,6 +112,7 @@ def test_teacher_is_never_updated():
         student = build_model("resnet8", 10)  # each method's own: one that diverged would not hand on NaN weights
         method = build_method(name, default_hyperparameters(name), student, teacher, labels)
         loader.add_negatives(method.negatives_per_sample)
+        loader.strong_view = method.strong_view
         # weight 1 rather than the default, which is 0 for the methods that only act in their stage
         task = Distiller(student, teacher, method, 1.0, 1.0)
         optimizer, _ = build_optimizer(task, type("Args", (), dict(lr=0.1, momentum=0.9, nesterov=True,
