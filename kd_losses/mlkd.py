@@ -57,7 +57,8 @@ class MultiLevelKD(KDMethod):
                   "it keeps (about 1/2) rather than selecting samples or classes; the strong view's instance terms "
                   "at 2 and 6 read the weak view's logits; its class and batch terms are left out of the loss. The "
                   "strong view is made on the device (`rand_augment.py`): PIL's ops bit for bit, but Rotate moves "
-                  "about 2 pixels in a million to a neighbour")
+                  "about 2 pixels in a million to a neighbour. Its configs' recipe is not ours: `--lr 0.025` "
+                  "(0.01 for ShuffleNet and MobileNet students), some pairs 480 or 960 epochs")
     default_weight = 0.9
     default_ce_weight = 0.1
     strong_view = True
