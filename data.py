@@ -249,22 +249,23 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             if len(index) < self.world_size:
                 break
-            batch, views = random_crop_flip(self.images[index], self.generator, self.padding)
+            originals = self.images[index]
+            batch, views = random_crop_flip(originals, self.generator, self.padding)
             labels = self.labels[index]
-            strong = self._strong_view(index)
+            strong = self._strong_view(originals)
             if self.negatives:
                 index = torch.cat([index[:, None], self._other_class_samples(index)], dim=1)
             lo, hi = self._slice(len(index))
             yield (self.normalize(batch[lo:hi]), labels[lo:hi], index[lo:hi], views[lo:hi],
                    None if strong is None else self.normalize(strong[lo:hi]))
 
-    def _strong_view(self, index):
-        """The images at `index` cropped and flipped anew (their own draw, as a second torchvision
-        pipeline would) and then strongly augmented, uint8; None unless `strong_view` is set (and
-        then nothing is drawn, so that runs without it keep their batches)."""
+    def _strong_view(self, originals):
+        """The batch's uint8 images cropped and flipped anew (their own draw, as a second torchvision
+        pipeline would) and then strongly augmented; None unless `strong_view` is set (and then
+        nothing is drawn, so that runs without it keep their batches)."""
         if not self.strong_view:
             return None
-        crops, _ = random_crop_flip(self.images[index], self.generator, self.padding)
+        crops, _ = random_crop_flip(originals, self.generator, self.padding)
         return rand_augment(crops, self.generator)
 
     def add_negatives(self, k):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DeviceLoader
+from ddp_worker import synthetic
 from engine import Distiller, Teacher
 from golden import as64, close, fake_outputs
 from kd_losses.mlkd import MultiLevelKD  # importing registers 'mlkd' (train_one_step builds it by name)
@@ -118,11 +119,6 @@ def strong_loader(images, labels, batch_size, **kwargs):
     return loader
 
 
-def synthetic(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % CLASSES
-
-
 def test_the_strong_view_is_seeded_and_leaves_the_weak_view_alone():
     images, labels = synthetic(24, 0)
     plain = DeviceLoader(images, labels, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=True, seed=3)
@@ -146,7 +142,7 @@ def test_the_strong_view_under_torchrun_is_the_single_process_one_sliced():
 
 def test_the_distiller_gives_mlkd_both_views_and_takes_the_cross_entropy_of_both():
     torch.manual_seed(0)
-    student, teacher = build_model("resnet8", CLASSES), Teacher(build_model("resnet8", CLASSES))
+    student, teacher = build_model("resnet8", 10), Teacher(build_model("resnet8", 10))  # synthetic's 10 classes
     method = MultiLevelKD({}, {}, T=4.0, logit_stand=False)
     method.attach(student, teacher, None)
     task = Distiller(student, teacher, method, ce_weight=0.1, kd_weight=0.9).eval()  # BN on running statistics
