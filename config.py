@@ -19,7 +19,7 @@ from data import DATASETS, PADDINGS
 from kd_losses import METHODS, default_hyperparameters, default_weight
 from models import MODELS, SHORTCUTS
 from engine.checkpoint import file_sha256, import_teacher, load_checkpoint
-from utils import UserError, fraction, log, non_negative, positive
+from utils import UserError, fraction, log, non_negative, positive, seed_value
 
 # ---------------------------------------------------------------------------------------------
 # Defaults: edit these (or pass the flag) to change a run.
@@ -59,10 +59,14 @@ DEFAULTS = dict(
     teacher_cache_dir=None,  # where teacher caches are kept; None: beside the teacher checkpoint
 )
 
-# flags that may differ from the run being resumed: they change where or how long, not what
-MAY_CHANGE_ON_RESUME = ("epochs", "device", "data_root", "output_dir", "resume", "teacher", "amp",
-                        "channels_last", "compile", "deterministic", "stage_cache", "teacher_cache",
-                        "teacher_cache_dir")
+# settings that say where a run lives or how fast it goes, not what it computes; a run's identity
+# (run_identity) is every other setting, the data and the teacher entering by their contents
+# (data_sha256, teacher_sha256) rather than by their paths
+NOT_IN_IDENTITY = ("device", "data_root", "output_dir", "resume", "teacher", "channels_last", "compile",
+                   "deterministic", "stage_cache", "teacher_cache", "teacher_cache_dir")
+# flags that may differ from the run being resumed: those, how long it trains, and its precision (a
+# run may move between a CPU and a GPU)
+MAY_CHANGE_ON_RESUME = NOT_IN_IDENTITY + ("epochs", "amp")
 KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache", "teacher_cache", "teacher_cache_dir")
 
 
@@ -86,6 +90,8 @@ def get_args_parser(script):
     parser = argparse.ArgumentParser(
         description=("Train a student with a KD loss from a teacher checkpoint." if kd else
                      "Train a CIFAR network with cross-entropy (a teacher, or a baseline student)."),
+        # one line above an error message, not every flag: --help lists them
+        usage="%(prog)s --teacher T --student S --method M [options]" if kd else "%(prog)s [--model M] [options]",
         allow_abbrev=False)
     if kd:
         parser.add_argument("--teacher", required=True, help="checkpoint written by train_base.py (or by "
@@ -116,7 +122,7 @@ def get_args_parser(script):
     recipe_flag("--weight-decay", "L2 weight decay", type=non_negative(float))
     recipe_flag("--nesterov", "Nesterov momentum", action=argparse.BooleanOptionalAction)
     recipe_flag("--padding", "how the random crop's 4-pixel border is filled", choices=PADDINGS)
-    parser.add_argument("--seed", type=non_negative(int), help="fixes every random source (default: 0)")
+    parser.add_argument("--seed", type=seed_value, help="fixes every random source (default: 0)")
     parser.add_argument("--val-split", type=non_negative(int),
                         help="training images held out (class-balanced) to choose the best epoch; "
                              "0 chooses it on the test set (default: 0)")
@@ -217,8 +223,16 @@ def resolve(args, script):
         values = adopt_saved(values, typed, *resume)
     else:
         values.update(recipe_values(values["dataset"], typed))
+    late = [m for m in values["lr_milestones"] if m >= values["epochs"]]
+    if late:
+        log(f"note: the LR milestone(s) {late} are at or past the last epoch ({values['epochs']}), so they never "
+            f"lower the LR")
     if script == "kd":
         values.update(method_values(values, typed, new_run=resume is None))
+        if values["kd_weight"] == 0 and values["ce_weight"] == 0:
+            why = "" if "ce_weight" in typed else f" (--method {values['method']} trains with CE weight 0 unless given)"
+            raise UserError(f"A KD weight of 0 and a CE weight of 0 leave nothing to train{why}; give --kd-weight "
+                            f"or --ce-weight a positive value.")
         if values["sync_bn"] and METHODS[values["method"]].double_backward:
             raise UserError(f"--sync-bn cannot run --method {values['method']}: it differentiates through a "
                             f"gradient, and SyncBatchNorm's backward cannot be differentiated again.")
@@ -234,6 +248,28 @@ def resolve(args, script):
     return Config(**values), resume
 
 
+def with_data(cfg, data_sha256, resume):
+    """The config with the loaded data's sha256 (data.data_sha256), a part of the run's identity. A
+    resumed run continues on the data it was trained on (the same arrays in any folder): other data is
+    refused, since its best epoch would then be chosen across different test sets."""
+    saved = resume[0]["config"].get("data_sha256") if resume else None
+    if resume and saved is None:
+        log(f"note: the run in {resume[1]} was saved before runs recorded their data, so this resume cannot "
+            f"check that {cfg.data_root} holds the same images")
+    elif saved is not None and saved != data_sha256:
+        raise UserError(f"The data in {cfg.data_root} is not the data the run in {resume[1]} was trained on (its "
+                        f"images or labels differ); resume it on that data, or start a new run in another "
+                        f"--output-dir.")
+    return Config(**{**vars(cfg), "data_sha256": data_sha256})
+
+
+def run_identity(settings):
+    """What decides a run's results: its settings (a Config's, or a saved args.json's), but those that
+    say only where it lives or how fast it goes (NOT_IN_IDENTITY). Two runs with the same identity
+    are the same experiment; sweep.py and report.py compare runs by it."""
+    return {key: value for key, value in settings.items() if key not in NOT_IN_IDENTITY}
+
+
 def is_method_flag(key):
     return any(key in cls.hyperparameters for cls in METHODS.values())
 
@@ -241,6 +277,9 @@ def is_method_flag(key):
 def teacher_fields(path, dataset):
     """The data set (the teacher's unless given) and the teacher's architecture, checked against each other."""
     ckpt = load_checkpoint(path)
+    if ckpt.get("predictor", "student") != "student":
+        raise UserError(f"The teacher {path} is a --method {ckpt['kd']['method']} student, which predicts through "
+                        f"its method's parts rather than its own classifier, so it cannot teach.")
     dataset = dataset or ckpt["dataset"]
     if ckpt["dataset"] != dataset:
         raise UserError(f"The teacher {path} was trained on {ckpt['dataset']}, not on {dataset}.")
@@ -258,15 +297,17 @@ def imported_teacher(path, arch, dataset):
     return import_teacher(path, arch, dataset, DATASETS[dataset].num_classes)
 
 
-def recipe_values(dataset, typed):
-    """The recipe flags left out, from RECIPES[dataset]; with --epochs alone, the milestones scaled to it."""
+def recipe_values(dataset, typed, quiet=False):
+    """The recipe flags left out, from RECIPES[dataset]; with --epochs alone, the milestones scaled to it
+    (and a note says so, unless quiet)."""
     recipe = RECIPES[dataset]
     values = {key: typed.get(key, default) for key, default in recipe.items()}
     if "lr_milestones" not in typed and "epochs" in typed and typed["epochs"] != recipe["epochs"]:
         scale = typed["epochs"] / recipe["epochs"]
         values["lr_milestones"] = sorted({max(1, round(m * scale)) for m in recipe["lr_milestones"]})
-        log(f"note: --epochs {typed['epochs']} without --lr-milestones: the recipe's milestones "
-            f"{recipe['lr_milestones']} scaled to {values['lr_milestones']}")
+        if not quiet:
+            log(f"note: --epochs {typed['epochs']} without --lr-milestones: the recipe's milestones "
+                f"{recipe['lr_milestones']} scaled to {values['lr_milestones']}")
     if sorted(set(values["lr_milestones"])) != values["lr_milestones"]:
         raise UserError(f"--lr-milestones must increase strictly, got {values['lr_milestones']}.")
     return values
@@ -283,11 +324,11 @@ def refuse_other_methods_flags(method, typed):
 
 def method_values(values, typed, new_run):
     """The chosen method's hyper-parameters, KD weight and, in a new run, CE weight where values (a
-    resumed run's) lack them: typed, else the method's defaults (with --logit-stand, the official ones
-    under it)."""
+    resumed run's) lack them: typed, else the method's defaults for the pair (with --logit-stand, the
+    official ones under it)."""
     method = values["method"]
-    chosen = {key: typed.get(key, default) for key, default in default_hyperparameters(method).items()
-              if key not in values}
+    defaults = default_hyperparameters(method, values["teacher_arch"], values["model"])
+    chosen = {key: typed.get(key, default) for key, default in defaults.items() if key not in values}
     if values["kd_weight"] is None:
         chosen["kd_weight"] = default_weight(method, values["dataset"])
     if new_run and "ce_weight" not in typed:
@@ -346,6 +387,9 @@ def adopt_saved(values, typed, ckpt, path):
     """The saved config of the run in `path`, with the typed flags that may change on resume. A typed
     flag that would change the run is an error; one that may change is kept, and a note says so."""
     saved = {key: value for key, value in ckpt["config"].items() if key != "resume"}
+    if "method" in saved:  # runs saved before settings per pair were resolved here hold None for them
+        pair = default_hyperparameters(saved["method"], saved["teacher_arch"], saved["model"])
+        saved.update({key: value for key, value in pair.items() if key in saved and saved[key] is None})
     for key, mine in typed.items():
         if key not in MAY_CHANGE_ON_RESUME and key in saved and mine != saved[key]:
             raise UserError(f"--{key.replace('_', '-')} {mine} differs from {saved[key]} in the run in {path}; "
@@ -354,7 +398,8 @@ def adopt_saved(values, typed, ckpt, path):
     for key in MAY_CHANGE_ON_RESUME:
         if key in typed:
             if key in saved and typed[key] != saved[key]:
-                log(f"note: resuming with --{key.replace('_', '-')} {typed[key]} (the run had {saved[key]})")
+                kept = f"; its LR milestones {saved['lr_milestones']} are kept" if key == "epochs" else ""
+                log(f"note: resuming with --{key.replace('_', '-')} {typed[key]} (the run had {saved[key]}){kept}")
             adopted[key] = typed[key]
     if "device" in typed and typed["device"] != saved.get("device"):
         for key in ("amp", "channels_last"):  # the new device's defaults, unless given

@@ -8,6 +8,7 @@ import os
 import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,17 +54,30 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_batch(path, label_key):
+def _read_batch(path, label_key, num_classes):
+    """(images, labels) of one official CIFAR python batch: its 'data', uint8 N x 3072 (each row an
+    image's 1024 red, 1024 green and 1024 blue pixels), and N integer labels in 0..num_classes - 1.
+    Anything else is refused, naming the file: a reshape or a cast would train on wrong images silently."""
     try:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="latin1").load()
-        images = torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
-        labels = torch.as_tensor(entry[label_key], dtype=torch.int64)
+        data, labels = entry["data"], np.asarray(entry[label_key])
     except Exception as e:  # any failure here means the file is not a CIFAR batch
         raise UserError(f"{path} is not a readable CIFAR python batch ({type(e).__name__}: {e}).") from None
-    if len(labels) != len(images):
-        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels.")
-    return images, labels
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path} holds its images as {found}, not as uint8 pixels of shape (N, 3072), the "
+                        f"official CIFAR layout.")
+    if len(data) == 0:
+        raise UserError(f"{path} holds no images.")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(f"{path} holds its '{label_key}' as {labels.dtype} of shape {labels.shape}, not as a "
+                        f"list of integer labels.")
+    if len(labels) != len(data):
+        raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{path} holds labels outside 0..{num_classes - 1} (from {labels.min()} to {labels.max()}).")
+    return torch.from_numpy(data).reshape(-1, 3, 32, 32), torch.from_numpy(labels.astype(np.int64))
 
 
 def _download(name, root):
@@ -91,14 +105,20 @@ def load_cifar(name, root, download=True):
         raise UserError(
             f"{spec.title} is not in {folder} and could not be downloaded: put the official python "
             f"version there ({', '.join(names)}).")
-    train = [_read_batch(os.path.join(folder, n), spec.label_key) for n in spec.train_files]
-    test = [_read_batch(os.path.join(folder, n), spec.label_key) for n in spec.test_files]
+    train = [_read_batch(os.path.join(folder, n), spec.label_key, spec.num_classes) for n in spec.train_files]
+    test = [_read_batch(os.path.join(folder, n), spec.label_key, spec.num_classes) for n in spec.test_files]
     train_x, train_y = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
     test_x, test_y = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
-    for labels, what in ((train_y, "training"), (test_y, "test")):
-        if labels.min() < 0 or labels.max() >= spec.num_classes:
-            raise UserError(f"The {what} labels in {folder} are outside 0..{spec.num_classes - 1}.")
     return train_x, train_y, test_x, test_y
+
+
+def data_sha256(train_x, train_y, test_x, test_y):
+    """sha256 over the arrays as loaded (load_cifar): the data's identity, whatever folder or pickle
+    protocol holds it. A run records it, and a resume on other data is refused (config.with_data)."""
+    digest = hashlib.sha256()
+    for array in (train_x, train_y, test_x, test_y):
+        digest.update(array.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def training_files_sha256(name, root):
@@ -289,9 +309,11 @@ class DeviceLoader:
 
 
 def make_loaders(cfg, device, rank=0, world_size=1):
-    """Loads cfg.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes)."""
+    """Loads cfg.dataset onto `device` and returns ({'train', 'test'[, 'val']} loaders, num_classes,
+    the data's sha256 (data_sha256))."""
     spec = DATASETS[cfg.dataset]
     train_x, train_y, test_x, test_y = load_cifar(cfg.dataset, cfg.data_root)
+    sha256 = data_sha256(train_x, train_y, test_x, test_y)
     keep = torch.arange(len(train_y))
     if cfg.val_split:
         keep, held_out = class_balanced_split(train_y, cfg.val_split, cfg.seed, spec.num_classes)
@@ -306,4 +328,4 @@ def make_loaders(cfg, device, rank=0, world_size=1):
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
     log(f"{spec.title} from {cfg.data_root}: {len(train_y)} training, "
         f"{cfg.val_split} validation and {len(test_y)} test images on {device}")
-    return loaders, spec.num_classes
+    return loaders, spec.num_classes, sha256

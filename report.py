@@ -4,10 +4,14 @@
     python report.py RUNS --output results.md --no-plots
 
 A run is any folder below RUNS holding args.json and metrics.csv (written by train_base.py or
-train_kd.py). Runs are grouped by data set, epochs, method ('baseline' for train_base.py; a KD run
-whose weights or method flags differ from the method's defaults is labelled with them, e.g.
-'rkd (kd weight 0.1)'), model and teacher; each row gives, over its seeds: the last-epoch test
-top-1, the best-epoch test top-1 (the epoch chosen on the validation split when one was held out,
+train_kd.py; a folder whose files cannot be read is skipped with a note naming it). A row holds the
+runs of one identity (config.run_identity: every setting that changes results, the data's and the
+teacher's contents included) over their seeds, so runs made with other settings never share a row.
+A row is labelled with its method ('baseline' for train_base.py) and whatever differs from the
+method's and the recipe's defaults, e.g. 'rkd (kd weight 0.1)' or 'baseline (lr 0.02)'; rows that
+would still read alike add the settings in which they differ (e.g. 'data 3f2a9c01d4e5'). Two runs of one
+identity and seed are duplicates: the first folder's is reported, and the others are listed under
+the table. Each row gives, over its seeds: the last-epoch test top-1, the best-epoch test top-1 (the epoch chosen on the validation split when one was held out,
 else on the test set itself, and the column says which), the gain of the last-epoch mean over the
 same model's baseline, the published number where there is one (marked as not comparable for runs
 shorter than their data set's recipe, and for a labelled variant), and the mean wall time per run.
@@ -22,7 +26,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from config import RECIPES
+from config import DEFAULTS, KD_ONLY, RECIPES, recipe_values, run_identity
 from kd_losses import METHODS, default_hyperparameters, default_weight
 
 # Published test top-1 (%), from docs/published.csv (the seed zoo's README: ResNet-110 -> ResNet-20, single runs;
@@ -65,42 +69,79 @@ def read_published(path=PUBLISHED_CSV):
 PUBLISHED = read_published()
 
 
-def variant(args):
-    """What sets a KD run apart from its method's defaults ('kd weight 0.1, T 2'), or ''; for a run with
-    --logit-stand, from the settings that switch brings for its pair."""
+# what a KD run's identity holds that a baseline's does not: a KD row's baseline is the baseline run
+# whose identity equals the KD run's without these (and without the seed)
+KD_SETTINGS = set(KD_ONLY) | {"teacher_arch", "teacher_sha256"} | {
+    key for cls in METHODS.values() for key in cls.hyperparameters}
+
+
+def defaults_for(args):
+    """The settings a run of this data set, epoch count, method and pair gets from no flag: the recipe's
+    (its milestones scaled to the epochs), the shortcut and LR factor, and a KD run's method defaults for
+    its pair (with --logit-stand, the settings that switch brings for it)."""
+    dataset, epochs = args["dataset"], args["epochs"]
+    defaults = {key: DEFAULTS[key] for key in ("shortcut", "lr_gamma")}
+    defaults.update(recipe_values(dataset, {"epochs": epochs}, quiet=True))
     method = args.get("method")
-    if method not in METHODS:
-        return ""
-    defaults = {"kd_weight": default_weight(method, args["dataset"]), "ce_weight": METHODS[method].default_ce_weight,
-                **default_hyperparameters(method)}
-    if args.get("logit_stand"):
-        defaults.update(logit_stand=True, **METHODS[method].logit_stand_defaults(args["teacher_arch"], args["model"]))
-    return ", ".join(f"{key.replace('_', ' ')} {args[key]:g}" if isinstance(args[key], float) else
-                     f"{key.replace('_', ' ')} {args[key]}"
-                     for key, default in defaults.items() if key in args and args[key] != default)
+    if method in METHODS:
+        defaults.update(kd_weight=default_weight(method, dataset), ce_weight=METHODS[method].default_ce_weight,
+                        **default_hyperparameters(method, args.get("teacher_arch"), args["model"]))
+        if args.get("logit_stand"):
+            defaults.update(logit_stand=True, **METHODS[method].logit_stand_defaults(args["teacher_arch"], args["model"]))
+    return defaults
+
+
+def setting(key, value):
+    """'kd weight 0.1', 'lr milestones 5 8', 'data 3f2a9c01d4e5' (a sha256 cut to 12 digits), 'data
+    unrecorded' (a run saved before the setting was recorded)."""
+    name = key.replace("_sha256", "").replace("_", " ")
+    if value is None:
+        value = "unrecorded"
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    elif isinstance(value, list):
+        value = " ".join(map(str, value))
+    elif isinstance(value, str) and len(value) == 64:
+        value = value[:12]
+    return f"{name} {value}"
+
+
+def variant(args):
+    """What sets a run apart from the defaults of its data set, epochs and method ('kd weight 0.1, T 2'),
+    or ''; for a run with --logit-stand, from the settings that switch brings for its pair."""
+    return ", ".join(setting(key, args[key]) for key, default in defaults_for(args).items()
+                     if key in args and args[key] != default)
 
 
 def read_runs(root):
-    """One dict per run folder below root: its args, metrics rows and derived numbers."""
+    """One dict per run folder below root: its args, identity, metrics rows and derived numbers. A
+    folder whose args.json or metrics.csv cannot be read is skipped, with a note naming it."""
     runs = []
     for folder, _, files in sorted(os.walk(root)):
         if "args.json" not in files or "metrics.csv" not in files:
             continue
-        with open(os.path.join(folder, "args.json")) as f:
-            args = json.load(f)
-        with open(os.path.join(folder, "metrics.csv")) as f:
-            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        try:
+            with open(os.path.join(folder, "args.json")) as f:
+                args = json.load(f)
+            with open(os.path.join(folder, "metrics.csv")) as f:
+                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            changed = variant(args)
+            identity = {k: v for k, v in run_identity(args).items() if k != "seed"}
+            seed, epochs, model = args["seed"], args["epochs"], args["model"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            print(f"note: {folder} is left out: its args.json or metrics.csv cannot be read ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            continue
         if not rows:
             continue
         selector = "val_top1" if "val_top1" in rows[0] else "test_top1"
         best = max(rows, key=lambda r: r[selector])  # the first epoch with the highest score
         # a logit-standardised run is its own method in the table and in the published numbers
         method = args.get("method", "baseline") + ("+ls" if args.get("logit_stand") else "")
-        changed = variant(args)
         runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
-                     "label": f"{method} ({changed})" if changed else method, "epochs": args["epochs"],
-                     "model": args["model"], "teacher": args.get("teacher_arch"), "seed": args["seed"],
-                     "complete": len(rows) >= args["epochs"], "rows": rows, "last": rows[-1]["test_top1"],
+                     "label": f"{method} ({changed})" if changed else method, "epochs": epochs,
+                     "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
+                     "complete": len(rows) >= epochs, "rows": rows, "last": rows[-1]["test_top1"],
                      "best": best["test_top1"], "selected_on": selector[:-5],
                      "seconds": sum(r["seconds"] for r in rows)})
     return runs
@@ -116,28 +157,66 @@ def fmt(mean, std):
 
 
 def summarise(runs):
-    """Rows of the table: one per (data set, epochs, method label, model, teacher), baselines first."""
+    """Rows of the table: one per identity (over seeds), baselines first. A second run of one identity
+    and seed is a duplicate: left out of the row and listed in its 'duplicates'."""
     groups = defaultdict(list)
     for run in runs:
-        groups[(run["dataset"], run["epochs"], run["label"], run["model"], run["teacher"])].append(run)
-    baselines = {(d, epochs, model): mean_std([r["last"] for r in g])[0]
-                 for (d, epochs, label, model, _), g in groups.items() if label == "baseline"}
+        groups[json.dumps(run["identity"], sort_keys=True)].append(run)
+    labels = distinct_labels(groups)
+    baselines = {json.dumps(group[0]["identity"], sort_keys=True): mean_std([r["last"] for r in unique(group)[0]])[0]
+                 for group in groups.values() if group[0]["method"] == "baseline"}
     table = []
-    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "baseline"))
-    for (dataset, epochs, label, model, teacher), group in order:
-        method, changed = group[0]["method"], group[0]["variant"]
+    order = sorted(groups, key=lambda key: (groups[key][0]["dataset"], groups[key][0]["epochs"],
+                                            groups[key][0]["method"] != "baseline", labels[key]))
+    for key in order:
+        group, duplicates = unique(groups[key])
+        first = group[0]
+        dataset, epochs, method, model, teacher = (first[k] for k in ("dataset", "epochs", "method", "model", "teacher"))
+        changed = first["variant"]
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
-        base = baselines.get((dataset, epochs, model))
+        base = baselines.get(json.dumps({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS},
+                                        sort_keys=True))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         comparable = not changed and epochs >= RECIPES[dataset]["epochs"]
-        table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": label,
+        table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
                       "model": model, "teacher": teacher, "runs": group, "comparable": comparable,
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
                       "gain": None if base is None or method == "baseline" else last[0] - base,
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
                       "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
-                      "incomplete": sum(not r["complete"] for r in group)})
+                      "incomplete": sum(not r["complete"] for r in group), "duplicates": duplicates})
     return table
+
+
+def unique(group):
+    """(the group's runs with one per seed, the first folder's; [(duplicate folder, kept folder)])."""
+    kept, duplicates = {}, []
+    for run in sorted(group, key=lambda r: r["folder"]):
+        if run["seed"] in kept:
+            duplicates.append((run["folder"], kept[run["seed"]]["folder"]))
+        else:
+            kept[run["seed"]] = run
+    return list(kept.values()), duplicates
+
+
+def distinct_labels(groups):
+    """A label per group: its first run's, and where groups of the same data set, epochs, model and
+    teacher would read alike, the settings in which their identities differ."""
+    alike = defaultdict(list)
+    for key, group in groups.items():
+        run = group[0]
+        alike[(run["dataset"], run["epochs"], run["label"], run["model"], run["teacher"])].append(key)
+    labels = {}
+    for keys in alike.values():
+        identities = [groups[key][0]["identity"] for key in keys]
+        differing = sorted({k for identity in identities for k in identity
+                            if len({json.dumps(i.get(k)) for i in identities}) > 1})
+        for key, identity in zip(keys, identities):
+            run = groups[key][0]
+            extra = ", ".join(setting(k, identity.get(k)) for k in differing)
+            labels[key] = run["label"] if len(keys) == 1 else \
+                f"{run['method']} ({', '.join(filter(None, [run['variant'], extra]))})"
+    return labels
 
 
 def markdown(table):
@@ -153,12 +232,17 @@ def markdown(table):
         if published and not row["comparable"]:
             published += " (not comparable)"
         note = f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""
+        note += f" ({len(row['duplicates'])} duplicate left out)" if row.get("duplicates") else ""
         gain = "–" if row["gain"] is None else f"{row['gain']:+.2f}"
         lines.append(
             f"| {row['dataset']} | {row['epochs']} | {row['label']} | {row['model']} | {row['teacher'] or '–'} | "
             f"{','.join(map(str, row['seeds']))}{note} | {fmt(*row['last'])} | {fmt(*row['best'])} "
             f"({row['selected_on']}) | {gain} | "
             f"{published or '–'} | {row['seconds'] / 60:.1f} min |")
+    duplicates = [pair for row in table for pair in row.get("duplicates", ())]
+    if duplicates:
+        lines += ["", "Duplicates (the same settings and seed as a reported run; left out of the table):", ""]
+        lines += [f"- {folder} (the same run as {kept})" for folder, kept in duplicates]
     return "\n".join(lines) + "\n"
 
 

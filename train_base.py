@@ -13,7 +13,7 @@ import config
 from data import make_loaders
 from engine import Supervised, build_optimizer, fit, setup_device
 from models import build_network
-from utils import barrier, is_main, prepare_output_dir, run_main, set_seed, write_json
+from utils import barrier, claimed_output_dir, is_main, run_main, set_seed, write_json
 
 
 def get_args_parser():
@@ -23,7 +23,8 @@ def get_args_parser():
 def main(argv=None):
     cfg, resume = config.resolve(get_args_parser().parse_args(argv), "base")
     device, rank, world_size = setup_device(cfg.device, cfg.deterministic)
-    loaders, num_classes = make_loaders(cfg, device, rank, world_size)
+    loaders, num_classes, data_sha256 = make_loaders(cfg, device, rank, world_size)
+    cfg = config.with_data(cfg, data_sha256, resume)
 
     set_seed(cfg.seed)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -33,13 +34,13 @@ def main(argv=None):
         task.compile_steps(device)
     optimizer, scheduler = build_optimizer(task, cfg)
 
-    if is_main():
-        prepare_output_dir(cfg.output_dir, resuming=resume is not None)
-        write_json(vars(cfg), os.path.join(cfg.output_dir, "args.json"))
-    barrier()
-    info = {"arch": cfg.model, "num_classes": num_classes, "shortcut": cfg.shortcut, "dataset": cfg.dataset,
-            "config": vars(cfg)}
-    fit(task, optimizer, scheduler, loaders, cfg, info, resume)
+    with claimed_output_dir(cfg.output_dir, resuming=resume is not None):  # locked while this run writes it
+        if is_main():
+            write_json(vars(cfg), os.path.join(cfg.output_dir, "args.json"))
+        barrier()
+        info = {"arch": cfg.model, "num_classes": num_classes, "shortcut": cfg.shortcut, "dataset": cfg.dataset,
+                "config": vars(cfg)}
+        fit(task, optimizer, scheduler, loaders, cfg, info, resume)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Small helpers shared by everything: the user-error exit, logging, seeding, flag types, file writes."""
 import argparse
+import contextlib
 import csv
+import fcntl
 import gc
 import json
 import os
 import random
+import re
+import socket
 import sys
 
 import numpy as np
@@ -94,6 +98,17 @@ def non_negative(kind):
     return parse
 
 
+def seed_value(text):
+    """A seed: an integer in 0 .. 2^64 - 1, the range torch.manual_seed takes."""
+    value = int(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^64 - 1, got {text}")
+    return value
+
+
+seed_value.__name__ = "int"  # argparse names the type in its error message
+
+
 def fraction(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -157,10 +172,81 @@ def make_writable_folder(path, what="output folder"):
         raise UserError(f"Cannot write to the {what} {path} ({e.strerror or e}).") from None
 
 
-def prepare_output_dir(path, resuming=False):
-    """Creates the run folder; refuses one that already holds a run rather than mixing two."""
-    holds_run = os.path.exists(os.path.join(path, "last.pt")) or os.path.exists(os.path.join(path, "metrics.csv"))
-    if holds_run and not resuming:
-        raise UserError(f"{path} already holds a run; resume it with --resume auto, or choose another "
-                        f"--output-dir.")
+LOCK_FILE = ".lock"  # in a run folder: locked while a process writes the run
+TEMPORARY = re.compile(r".+\.tmp(\d+)")  # write_atomic's temporary files: NAME.tmp<pid>
+
+
+@contextlib.contextmanager
+def claimed_output_dir(path, resuming=False):
+    """The run folder, created if needed and locked for this process while the block runs, so that
+    two processes (a sweep started twice, a second terminal) never train one folder: the second is
+    refused in one sentence. The lock is the operating system's (flock, POSIX) on the file .lock, so
+    one left by a process that died is free again; the file goes when the block ends. A folder that
+    already holds a run is refused unless resuming; the temporary files of writes that a dead process
+    left are removed. Where the block fails and leaves a folder it created empty, the folder is removed
+    again: a refused run leaves nothing behind. Under torchrun, rank 0 alone claims the folder."""
+    if not is_main():
+        yield
+        return
+    created = not os.path.isdir(path)
     make_writable_folder(path)
+    lock = lock_folder(path)
+    try:
+        holds_run = any(os.path.exists(os.path.join(path, name)) for name in ("last.pt", "metrics.csv"))
+        if holds_run and not resuming:
+            raise UserError(f"{path} already holds a run; resume it with --resume auto, or choose another "
+                            f"--output-dir.")
+        remove_stale_temporaries(path)
+        yield
+    finally:
+        os.remove(os.path.join(path, LOCK_FILE))  # before the lock goes, so that no one locks a removed file
+        lock.close()
+        if created and not os.listdir(path):
+            os.rmdir(path)
+
+
+def lock_folder(path):
+    """The open, exclusively locked file path/.lock, naming this process; a UserError naming the
+    process that holds it."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise UserError(f"{path} is being written by {holder}; wait for it to finish, or stop it and resume "
+                            f"with --resume auto.") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder removed it between our open and our lock: lock the file there now
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def remove_stale_temporaries(folder):
+    """Deletes the temporary files (NAME.tmp<pid>) that a write killed mid-way left in `folder`, those of
+    processes that no longer run."""
+    for name in os.listdir(folder):
+        match = TEMPORARY.fullmatch(name)
+        if match and not process_alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+            log(f"note: removed {os.path.join(folder, name)}, left by a write that process {match.group(1)} "
+                f"did not finish")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

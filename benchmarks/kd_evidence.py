@@ -41,16 +41,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import report  # noqa: E402
-from data import DATASETS, DeviceLoader, load_cifar  # noqa: E402
+from data import DATASETS, DeviceLoader, data_sha256, load_cifar  # noqa: E402
 from engine import evaluate, load_predictor  # noqa: E402
 from kd_losses import METHODS  # noqa: E402
-from sweep import run as sweep_run  # noqa: E402
+from sweep import Runner, check_jobs  # noqa: E402
+from utils import run_main  # noqa: E402
 
 DEFAULT_METHODS = ["st", "at", "fitnet", "nst", "ft", "rkd", "logits", "dkd", "pkt", "sp", "crd"]
 SPEC = DATASETS["cifar10"]
 
 
-def get_args():
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cifar10", default="./dataset", help="folder holding (or to download) cifar-10-batches-py/")
@@ -70,7 +71,7 @@ def get_args():
     p.add_argument("--scaled-seeds", type=int, nargs="+", help="the seeds of those runs (default: --seeds)")
     p.add_argument("--publish", metavar="DIR", help="copy the reports and plots here (e.g. docs/evidence)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: flags for both training scripts")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     return args
 
@@ -160,8 +161,8 @@ def official_test(sweep, official_root, device):
     return path
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     students_root, official_root = build_data(args)
     teacher = os.path.join(args.work, f"teacher-{args.teacher}")
     if not os.path.exists(os.path.join(teacher, "metrics.csv")) or \
@@ -174,16 +175,18 @@ def main():
         "--teacher", args.teacher, "--student", args.student, "--methods", *args.methods, "--seeds", *args.seeds,
         "--output-root", sweep, "--teacher-cache", "on", "--", "--epochs", args.epochs, "--val-split",
         args.val_split, *args.script_args)
-    for method, weight in args.scaled:
-        for seed in args.scaled_seeds or args.seeds:
-            # sweep.run: skipped when complete, resumed when interrupted, as the sweep's own runs
-            status = sweep_run(os.path.join(sweep, f"{method}-kd-weight-{weight:g}-{args.student}-seed{seed}"), [
-                str(item) for item in ["train_kd.py", "--teacher", os.path.join(teacher, "last.pt"), "--student", args.student,
-                "--method", method, "--kd-weight", weight, "--seed", seed, "--data-root", students_root,
-                "--teacher-cache", "auto", "--epochs", args.epochs, "--val-split", args.val_split,
-                *args.script_args]])
-            if status != 0:
-                sys.exit(f"error: the run of {method} with --kd-weight {weight:g}, seed {seed}, failed.")
+    # the scaled runs as the sweep's own: skipped when complete with these settings, resumed when interrupted
+    scaled = [(os.path.join(sweep, f"{method}-kd-weight-{weight:g}-{args.student}-seed{seed}"),
+               [str(item) for item in ["train_kd.py", "--teacher", os.path.join(teacher, "last.pt"), "--student",
+                                       args.student, "--method", method, "--kd-weight", weight, "--seed", seed,
+                                       "--data-root", students_root, "--teacher-cache", "auto", "--epochs",
+                                       args.epochs, "--val-split", args.val_split, *args.script_args]])
+              for method, weight in args.scaled for seed in args.scaled_seeds or args.seeds]
+    students_sha256 = data_sha256(*load_cifar("cifar10", students_root, download=False))
+    with Runner() as runner:
+        for job in check_jobs(scaled, students_sha256, rerun=False):
+            if runner.run(*job) != 0:
+                sys.exit(f"error: the run in {job[0]} failed or was stopped.")
     run("report.py", sweep)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     official = official_test(sweep, official_root, device)
@@ -197,4 +200,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -58,7 +58,7 @@ def import_teacher(path, arch, dataset, num_classes):
         ckpt = load_checkpoint(converted)
         if ckpt.get("imported_from", {}).get("sha256") == source_sha256 and ckpt["arch"] == arch \
                 and ckpt["dataset"] == dataset:
-            log(f"--teacher-arch: reusing {converted}, converted earlier from {path}")
+            log(f"reusing {converted}, converted earlier from {path}")
             return converted
     if isinstance(theirs, dict) and theirs.get("format") == CHECKPOINT_FORMAT:
         raise UserError(f"{path} is this project's checkpoint, which records its architecture; drop --teacher-arch.")
@@ -71,7 +71,7 @@ def import_teacher(path, arch, dataset, num_classes):
     save_atomic({"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": num_classes, "shortcut": "projection",
                  "dataset": dataset, "model": model.state_dict(),
                  "imported_from": {"path": path, "sha256": source_sha256, **recorded}}, converted)
-    log(f"--teacher-arch: converted {path} (a RepDistiller/mdistiller {arch}"
+    log(f"converted {path} (a RepDistiller/mdistiller {arch}"
         + "".join(f", {k} {v:g}" for k, v in recorded.items()) + f" as recorded in it) to {converted}")
     return converted
 

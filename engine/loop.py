@@ -1,5 +1,6 @@
 """The one training loop, shared by train_base.py and train_kd.py: fit() trains, steps the LR,
 evaluates, records and saves, epoch after epoch."""
+import math
 import os
 import time
 
@@ -9,7 +10,7 @@ from tqdm import tqdm
 
 from utils import UserError, append_csv_row, is_main, log, progress_bar, write_csv
 
-from .checkpoint import epoch_checkpoint, generator_states, restore, save_epoch
+from .checkpoint import epoch_checkpoint, generator_states, restore, save_epoch, unwrap
 from .processes import (Interrupted, StopOnSignal, check_replicas, exit_on_signal, over_processes, share_buffers,
                         wrap_for_processes)
 
@@ -128,16 +129,18 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
             try:
                 train = train_one_epoch(trainer, train_loader, optimizer, f"epoch {epoch}/{cfg.epochs}", stop, amp)
             except Diverged as e:
-                raise UserError(
-                    f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
-                    f"stopped and {last_path} still holds the last good epoch; check --lr and the KD "
-                    f"weights.") from None
+                raise UserError(f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
+                                f"stopped ({kept(epoch, last_path)}); check --lr and the KD weights.") from None
             except Interrupted:
                 exit_on_signal(stop.signum, epoch, last_path)
             share_buffers(task)
             scheduler.step()
             test = evaluate(task.predictor(), loaders["test"], amp)
             val = evaluate(task.predictor(), loaders["val"], amp) if "val" in loaders else None
+            bad = first_non_finite(task, {"test": test, "validation": val})
+            if bad:  # a diverged model is never saved, as last.pt nor as best.pt
+                raise UserError(f"Epoch {epoch} ended with {bad}, so the run stopped without saving it "
+                                f"({kept(epoch, last_path)}); check --lr and the KD weights.")
             row = metrics_row(epoch, lr, train, test, val, time.perf_counter() - start)
             history.append(row)
             improved = (val or test)["top1"] > best["top1"]
@@ -159,6 +162,25 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
     log(f"done: last epoch test top1 {test['top1']:.2f}; best epoch {best['epoch']} "
         f"({selected_on} top1 {best['top1']:.2f}) saved to {os.path.join(cfg.output_dir, 'best.pt')}")
     return test, best
+
+
+def first_non_finite(task, evaluations):
+    """What in an epoch's result is not finite, in words (the first weight or buffer of the task, or an
+    evaluation loss), or None when everything is. One host synchronisation for all the tensors."""
+    state = {name: t for name, t in unwrap(task).state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()
+    for name, ok in zip(state, finite):
+        if not ok:
+            return f"the non-finite weight or buffer '{name}'"
+    for split, result in evaluations.items():
+        if result is not None and not math.isfinite(result["loss"]):
+            return f"a {split} loss of {result['loss']}"
+    return None
+
+
+def kept(epoch, last_path):
+    """What a run that stops in `epoch` keeps, for messages."""
+    return "no epoch was saved" if epoch == 1 else f"{last_path} holds epoch {epoch - 1}"
 
 
 def metrics_row(epoch, lr, train, test, val, seconds):

@@ -168,18 +168,19 @@ class MethodPredictor(nn.Module):
 
 
 def load_predictor(path, device):
-    """The model a checkpoint predicts with: its network, or, where the run's method replaces the
-    network's classifier (the checkpoint's "predictor" is "method"), the network through that
-    method's saved parts (built from the checkpoint's KD settings and architectures)."""
+    """The model a checkpoint predicts with, in eval mode (BN from its running statistics): its network,
+    or, where the run's method replaces the network's classifier (the checkpoint's "predictor" is
+    "method"), the network through that method's saved parts (built from the checkpoint's KD settings
+    and architectures)."""
     ckpt = load_checkpoint(path)
     network = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("shortcut", "projection"))
     load_weights(network, ckpt["model"], path)
     if ckpt.get("predictor", "student") == "student":
-        return network.to(device)
+        return network.to(device).eval()
     kd = ckpt["kd"]
     cls = METHODS[kd["method"]]
     teacher_shapes = feature_shapes(build_model(ckpt["teacher"]["arch"], ckpt["num_classes"]))
     method = cls(feature_shapes(network), teacher_shapes, **{key: kd[key] for key in cls.hyperparameters})
     load_weights(method, {k[len("method."):]: v for k, v in ckpt["method"].items() if k.startswith("method.")},
                  path)
-    return MethodPredictor(network, method).to(device)
+    return MethodPredictor(network, method).to(device).eval()

@@ -12,7 +12,8 @@ The table covers every image of the data set's training files, held-out ones too
 cache serves every --val-split and seed. It is stored in the teacher's compute precision (bf16 under
 --amp bf16), beside the teacher checkpoint or in --teacher-cache-dir, in a file named after its key
 (the teacher's sha256, the training files' sha256, the padding and the precision) and the outputs it
-holds; a cache holding more outputs than a method reads serves it too.
+holds; a cache holding more outputs than a method reads serves it too. Each output's sha256 is stored
+with it and checked when the cache is loaded: a corrupt file is never used (it is built again).
 """
 import glob
 import hashlib
@@ -29,7 +30,7 @@ from utils import UserError, barrier, is_main, log, make_writable_folder
 
 from .checkpoint import save_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: each output's sha256 stored and checked
 IMAGES_PER_CHUNK = 64   # images whose views are cut at once: 64 x 162 views, 32 MB of uint8
 HEADROOM = 1 << 30      # device memory left beside the cache for training itself
 
@@ -76,18 +77,29 @@ def find_cache(folder, key, names):
     return min(found, key=os.path.getsize, default=None)
 
 
+def table_sha256(table):
+    """sha256 of a table's bytes (bf16 included), read through once."""
+    return hashlib.sha256(table.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
 def load_cache(path, key, names):
-    """The cache's tables of `names` (memory-mapped on the CPU: nothing is read yet), or None, with
-    the reason logged, when the file does not hold exactly this key."""
+    """The cache's tables of `names` (memory-mapped on the CPU), or None, with the reason logged, when
+    the file does not hold exactly this key or a table's bytes differ from the sha256 stored when it
+    was written (a corrupt file: reading it costs about a second per GB)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         tables = {name: saved["outputs"][name] for name in names}
         matches = saved["key"] == key
+        corrupt = matches and [name for name in names if table_sha256(tables[name]) != saved["sha256"][name]]
     except Exception as e:  # truncated by hand, another format, a missing output: never used
         log(f"teacher cache: {path} is not used: it cannot be read ({type(e).__name__}: {e})")
         return None
     if not matches:
         log(f"teacher cache: {path} is not used: its key differs from this run's")
+        return None
+    if corrupt:
+        log(f"teacher cache: {path} is not used: its {', '.join(corrupt)} differ from the checksum stored with "
+            f"them (the file is corrupt)")
         return None
     return tables
 
@@ -197,8 +209,8 @@ def prepare_teacher_cache(cfg, method, teacher, train_loader, epochs_left):
         start = time.perf_counter()
         tables = build_cache(teacher, images, train_loader.normalize, cfg.padding, names)
         seconds = time.perf_counter() - start
-        save_atomic({"key": key, "outputs": {name: t.view(len(images), VIEWS, *t.shape[1:]).cpu()
-                                             for name, t in tables.items()},
+        outputs = {name: t.view(len(images), VIEWS, *t.shape[1:]).cpu() for name, t in tables.items()}
+        save_atomic({"key": key, "outputs": outputs, "sha256": {name: table_sha256(t) for name, t in outputs.items()},
                      "teacher": os.path.abspath(cfg.teacher), "data_root": os.path.abspath(cfg.data_root),
                      "build_seconds": seconds}, path)
         log(f"teacher cache: {build_forwards:,} views in {seconds:.0f} s ({build_forwards / seconds:.0f} views/s), "

@@ -22,8 +22,11 @@ def feature_shapes(model, image_size=32):
     return {"logits": tuple(logits.shape[1:]), **{k: tuple(v.shape[1:]) for k, v in feats.items()}}
 
 
-def default_hyperparameters(name):
-    return {key: spec[0] for key, spec in METHODS[name].hyperparameters.items()}
+def default_hyperparameters(name, teacher=None, student=None):
+    """The method's hyper-parameters unless given: their defaults, with the official settings for the pair
+    (teacher, student) where they differ (settings_by_pair)."""
+    cls = METHODS[name]
+    return {**{key: spec[0] for key, spec in cls.hyperparameters.items()}, **cls.settings_by_pair.get((teacher, student), {})}
 
 
 def default_weight(name, dataset):

@@ -71,6 +71,9 @@ class KDMethod(nn.Module):
     # then gets images as (weak, strong) and the teacher's outputs on the strong view as 'strong_<name>', and
     # may return the student's logits on both, (weak, strong), each of which gets the cross-entropy (MLKD)
     strong_view = False
+    # (teacher, student) -> {hyper-parameter: value} where the official configs set another value than
+    # the hyper-parameter's default for that pair; config.resolve applies them unless given, and saves them
+    settings_by_pair = {}
     # for a method with the `logit_stand` switch: what --logit-stand brings where not given (None), and
     # the pairs (teacher, student) where the official runs used other values
     logit_stand_settings = {}

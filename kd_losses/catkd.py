@@ -32,8 +32,9 @@ class ClassAttentionTransfer(KDMethod):
     use its own, trained fc weights, the teacher's its fc weights read in attach().
 
     beta, size and normalisation are the official config's for the pair (SETTINGS_BY_PAIR), else
-    cfg.py's defaults (400, 2, normalised), set by attach(), which sees both networks; --catkd-beta and
-    --catkd-size override them. The CE weight of every official config is 1.
+    cfg.py's defaults (400, 2, normalised): beta and size as settings_by_pair (--catkd-beta and
+    --catkd-size override them), normalisation set by attach(), which sees both networks. The CE
+    weight of every official config is 1.
     The official options off by default (binarised CAMs, CAT alone without CE, CAMs of some classes
     only) are not implemented."""
 
@@ -44,23 +45,18 @@ class ClassAttentionTransfer(KDMethod):
     features = ("pre_pool",)
     default_weight = 1.0  # beta carries the scale
     hyperparameters = {
-        "catkd_beta": (None, "weight of the CAM loss (default: CAT-KD's for the pair, else 400)", float),
-        "catkd_size": (None, "size the CAMs are pooled to (default: CAT-KD's for the pair, else 2)", int),
+        "catkd_beta": (DEFAULT_SETTINGS[0], "weight of the CAM loss (CAT-KD's per pair: docs/methods.md)"),
+        "catkd_size": (DEFAULT_SETTINGS[1], "size the CAMs are pooled to (CAT-KD's per pair: docs/methods.md)"),
     }
+    settings_by_pair = {pair: {"catkd_beta": beta, "catkd_size": size}
+                        for pair, (beta, size, _) in SETTINGS_BY_PAIR.items()}
 
     def __init__(self, student_shapes, teacher_shapes, catkd_beta, catkd_size):
         super().__init__(student_shapes, teacher_shapes)
-        self.beta_given, self.size_given = catkd_beta, catkd_size
-        self.use_settings(DEFAULT_SETTINGS)
-
-    def use_settings(self, settings):
-        """(beta, size, normalise), beta and size unless given as flags."""
-        beta, size, self.normalize = settings
-        self.beta = beta if self.beta_given is None else self.beta_given
-        self.size = size if self.size_given is None else self.size_given
+        self.beta, self.size, self.normalize = catkd_beta, catkd_size, DEFAULT_SETTINGS[2]
 
     def attach(self, student, teacher, train_labels):
-        self.use_settings(SETTINGS_BY_PAIR.get((teacher.arch, student.arch), DEFAULT_SETTINGS))
+        self.normalize = SETTINGS_BY_PAIR.get((teacher.arch, student.arch), DEFAULT_SETTINGS)[2]
         # not persistent: attach() reads it again from the teacher on resume
         self.register_buffer("teacher_fc", teacher.network.fc.weight.detach().clone(), persistent=False)
 

@@ -6,9 +6,8 @@ from .base import LOGIT_STAND, KDMethod, register, standardize
 # subtracted from the target class's scaled logit to leave it out of a softmax, as mdistiller
 # does: exp(-1000) is 0 in float32, yet every value stays finite (-inf would give 0 * inf = nan)
 MASK = 1000.0
-DEFAULT_BETA = 8.0
 # (teacher, student) -> beta where mdistiller's CIFAR-100 configs (configs/cifar100/dkd/*.yaml) set
-# another than the default; every other pair of the CRD benchmark keeps 8
+# another than the default 8; every other pair of the CRD benchmark keeps 8
 BETA_BY_PAIR = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0, ("wrn_40_2", "wrn_16_2"): 6.0,
                 ("wrn_40_2", "wrn_40_1"): 6.0, ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0}
 
@@ -31,9 +30,8 @@ class DecoupledKD(KDMethod):
     NCKD: KL(q_t || q_s) of softmax(logits / T - 1000 * onehot(target)), i.e. the distribution
     over the non-target classes alone.
     warm-up: min(epoch / dkd_warmup, 1) for the 1-based epoch, set by start_epoch; 1 until then.
-    dkd_beta None means the pair's beta in BETA_BY_PAIR, else 8 (set by attach(), which sees both
-    networks). With logit_stand, of the z-scored logits (base.standardize). Returned as named terms
-    'tckd' and 'nckd', warm-up included."""
+    dkd_beta: 8 unless given, or the pair's in BETA_BY_PAIR (settings_by_pair). With logit_stand, of
+    the z-scored logits (base.standardize). Returned as named terms 'tckd' and 'nckd', warm-up included."""
 
     paper = "Zhao et al. 2022, Decoupled Knowledge Distillation"
     summary = "`alpha TCKD + beta NCKD` at T, both times `T^2`, with a linear warm-up `min(epoch / 20, 1)`"
@@ -42,11 +40,13 @@ class DecoupledKD(KDMethod):
     default_weight = 1.0  # alpha and beta carry the scale
     hyperparameters = {
         "dkd_alpha": (1.0, "weight of the target-class term"),
-        "dkd_beta": (None, "weight of the non-target term (default: mdistiller's for the pair, else 8)", float),
+        "dkd_beta": (8.0, "weight of the non-target term (mdistiller's per pair where it sets another: "
+                          "docs/methods.md)"),
         "T": (4.0, "softmax temperature"),
         "dkd_warmup": (20, "epochs of linear warm-up of the KD term"),
         "logit_stand": LOGIT_STAND,
     }
+    settings_by_pair = {pair: {"dkd_beta": beta} for pair, beta in BETA_BY_PAIR.items()}
     # the logit standardisation code's DKD runs (log names: T, KD weight, beta): T 2, KD 9 (it multiplies
     # alpha and beta, as our KD weight does), CE 1 and the pair's beta, but on these pairs
     logit_stand_settings = {
@@ -62,16 +62,10 @@ class DecoupledKD(KDMethod):
 
     def __init__(self, student_shapes, teacher_shapes, dkd_alpha, dkd_beta, T, dkd_warmup, logit_stand):
         super().__init__(student_shapes, teacher_shapes)
-        self.alpha, self.T, self.warmup, self.logit_stand = dkd_alpha, T, dkd_warmup, logit_stand
-        self.beta_given = dkd_beta is not None
-        self.beta = dkd_beta if self.beta_given else DEFAULT_BETA
+        self.alpha, self.beta, self.T, self.warmup, self.logit_stand = dkd_alpha, dkd_beta, T, dkd_warmup, logit_stand
         # a tensor, updated in place, so a compiled step reads it rather than baking in a float;
         # not persistent: start_epoch sets it again on resume
         self.register_buffer("warmup_factor", torch.tensor(1.0), persistent=False)
-
-    def attach(self, student, teacher, train_labels):
-        if not self.beta_given:
-            self.beta = BETA_BY_PAIR.get((teacher.arch, student.arch), DEFAULT_BETA)
 
     def start_epoch(self, epoch, epochs):
         self.warmup_factor.fill_(min(epoch / self.warmup, 1.0))

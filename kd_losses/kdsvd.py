@@ -59,6 +59,11 @@ class KDSVD(KDMethod):
 
     def __init__(self, student_shapes, teacher_shapes, kdsvd_k):
         super().__init__(student_shapes, teacher_shapes)
+        # a W-wide map has W right singular vectors, and every stage must give the teacher k of them
+        widths = [min(student_shapes[name][-1], teacher_shapes[name][-1]) for name in self.stages]
+        if kdsvd_k > min(widths):
+            raise ValueError(f"--kdsvd-k {kdsvd_k} is more than the {min(widths)} singular vectors of the narrowest "
+                             f"stage map, {min(widths)} pixels wide")
         self.k = kdsvd_k
 
     def forward(self, student, teacher, targets):

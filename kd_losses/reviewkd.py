@@ -4,7 +4,6 @@ import torch.nn.functional as F
 
 from .base import PRE_RELU_STAGES, STAGES, KDMethod, register
 
-DEFAULT_WEIGHT = 1.0
 # (teacher, student) -> loss weight where the official CIFAR-100 script (dvlab-research/ReviewKD,
 # CIFAR-100/script/reviewKD.sh) sets another than the default 1 (mdistiller's one CIFAR-100 config,
 # resnet32x4 -> resnet8x4, agrees: 5); resnet110 -> resnet32 is 1 there, and the other pairs of the
@@ -67,7 +66,7 @@ class ReviewKD(KDMethod):
     level below, and map it to the teacher's width and spatial size (cross-family pairs differ in
     both). Mid width: min(reviewkd_max_mid, the student's pooled width), as the official code.
     warm-up: min(epoch / reviewkd_warmup, 1) for the 1-based epoch, set by start_epoch; 1 until then.
-    reviewkd_weight None means the pair's weight in WEIGHT_BY_PAIR, else 1 (set by attach())."""
+    reviewkd_weight: 1 unless given, or the pair's in WEIGHT_BY_PAIR (settings_by_pair)."""
 
     paper = "Chen et al. 2021, Distilling Knowledge via Knowledge Review"
     summary = ("HCL between the teacher's pre-ReLU stages and pooled vector and the student's stages and pooled "
@@ -79,19 +78,19 @@ class ReviewKD(KDMethod):
     features = STAGES + PRE_RELU_STAGES + ("pool",)
     default_weight = 1.0  # reviewkd_weight carries the scale
     hyperparameters = {
-        "reviewkd_weight": (None, "weight of the review loss (default: the official script's for the pair, else 1)",
-                            float),
+        "reviewkd_weight": (1.0, "weight of the review loss (the official script's per pair where it sets "
+                                 "another: docs/methods.md)"),
         "reviewkd_warmup": (20, "epochs of linear warm-up of the KD term"),
         "reviewkd_max_mid": (512, "largest ABF mid width (the mid width is min(this, the student's pooled width))"),
     }
+    settings_by_pair = {pair: {"reviewkd_weight": weight} for pair, weight in WEIGHT_BY_PAIR.items()}
 
     def __init__(self, student_shapes, teacher_shapes, reviewkd_weight, reviewkd_warmup, reviewkd_max_mid):
         super().__init__(student_shapes, teacher_shapes)
         post = [name for name in self.stages if not name.endswith("_pre")]
         self.student_levels = post + ["pool"]
         self.teacher_levels = [f"{name}_pre" for name in post] + ["pool"]
-        self.weight_given = reviewkd_weight is not None
-        self.weight = reviewkd_weight if self.weight_given else DEFAULT_WEIGHT
+        self.weight = reviewkd_weight
         self.warmup = reviewkd_warmup
         mid = min(reviewkd_max_mid, student_shapes["pool"][0])
         # the teacher's spatial size per level, the pooled vector's 1 x 1 last
@@ -103,10 +102,6 @@ class ReviewKD(KDMethod):
         # a tensor, updated in place, so a compiled step reads it rather than baking in a float;
         # not persistent: start_epoch sets it again on resume
         self.register_buffer("warmup_factor", torch.tensor(1.0), persistent=False)
-
-    def attach(self, student, teacher, train_labels):
-        if not self.weight_given:
-            self.weight = WEIGHT_BY_PAIR.get((teacher.arch, student.arch), DEFAULT_WEIGHT)
 
     def start_epoch(self, epoch, epochs):
         self.warmup_factor.fill_(min(epoch / self.warmup, 1.0))

@@ -19,7 +19,7 @@ from utils import run_main  # noqa: E402
 # the device the scripts run on in the tests: KDZOO_TEST_DEVICE=cuda python -m pytest -q tests runs the
 # suite on a GPU (a run that names no --device gets this one)
 DEVICE = os.environ.get("KDZOO_TEST_DEVICE", "cpu")
-SCRIPTS_WITH_DEVICE = ("train_base.py", "train_kd.py")
+SCRIPTS_WITH_DEVICE = ("train_base.py", "train_kd.py", "evaluate.py")
 # runs that must be bit for bit equal: on CUDA that needs deterministic algorithms (cuDNN's fastest
 # are not), on the CPU it holds as is
 EXACT = ("--deterministic",) if DEVICE == "cuda" else ()
@@ -131,6 +131,14 @@ def small_method_flags(method):
     stage = [x for key in METHODS[method].hyperparameters if key.endswith("_epochs")
              for x in (f"--{key.replace('_', '-')}", 1)]
     return (*stage, *(("--crd-negatives", 16) if method == "crd" else ()))
+
+
+def resolved_settings(method, teacher, student, **typed):
+    """A method's settings as config.resolve gives them to a new run on the pair: typed, else its
+    defaults for the pair; its hyper-parameters, KD and CE weights."""
+    import config
+    values = {"method": method, "teacher_arch": teacher, "model": student, "dataset": "cifar100", "kd_weight": None}
+    return config.method_values(values, typed, new_run=True)
 
 
 def assert_user_error(proc, *fragments):

@@ -55,7 +55,7 @@ def test_logit_stand_brings_the_official_settings_unless_given(teacher):
     assert config.method_hyperparameters(cfg) == {"T": 2.0, "logit_stand": True}
     cfg, _ = resolve("kd", "--teacher", teacher, "--method", "dkd", "--logit-stand", "--T", 3, "--ce-weight", 0.5,
                      "--device", "cpu")
-    assert (cfg.T, cfg.kd_weight, cfg.ce_weight, cfg.dkd_beta) == (3.0, 9.0, 0.5, None)  # beta: the pair's
+    assert (cfg.T, cfg.kd_weight, cfg.ce_weight, cfg.dkd_beta) == (3.0, 9.0, 0.5, 8.0)  # beta: the pair's, resolved
     cfg, _ = resolve("kd", "--teacher", teacher, "--method", "mlkd", "--device", "cpu")
     assert (cfg.logit_stand, cfg.T, cfg.kd_weight, cfg.ce_weight) == (False, 4.0, 0.9, 0.1)
     cfg, _ = resolve("kd", "--teacher", teacher, "--method", "mlkd", "--logit-stand", "--device", "cpu")

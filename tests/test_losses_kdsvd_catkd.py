@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine import Teacher
+from conftest import resolved_settings
 from golden import as64, close
 from kd_losses import build_method, default_hyperparameters
 # importing the two files registers the methods
@@ -140,12 +141,12 @@ def test_catkd_golden(teacher_arch, student_arch, settings):
     randomize_fc(student, 1)
     randomize_fc(network, 2)
     teacher = Teacher(network)
-    method = build_method("catkd", default_hyperparameters("catkd"), student, teacher, torch.arange(10))
+    beta, size, normalize = settings
+    method = build_method("catkd", {"catkd_beta": beta, "catkd_size": size}, student, teacher, torch.arange(10))
+    method.normalize = normalize
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    method.use_settings(settings)
     teacher_out = teacher.outputs(images, method.features)
     _, loss = method.step(student, images, None, None, teacher_out)
-    beta, size, normalize = settings
     expected = catkd_reference(as64(pooled_map(student, images)), as64(student.fc.weight),
                                as64(pooled_map(network.eval(), images)), as64(network.fc.weight), beta, size, normalize)
     assert close(loss, expected)
@@ -159,16 +160,19 @@ def test_catkd_golden(teacher_arch, student_arch, settings):
 def test_catkd_settings_by_pair(teacher_arch, student_arch, settings):
     teacher = Teacher(build_model(teacher_arch, 100))
     student = build_model(student_arch, 100)
-    method = build_method("catkd", default_hyperparameters("catkd"), student, teacher, torch.arange(100))
+    resolved = resolved_settings("catkd", teacher_arch, student_arch)
+    method = build_method("catkd", {k: resolved[k] for k in ("catkd_beta", "catkd_size")}, student, teacher,
+                          torch.arange(100))
     assert (method.beta, method.size, method.normalize) == settings
     given = build_method("catkd", {"catkd_beta": 3.0, "catkd_size": 1}, student, teacher, torch.arange(100))
     assert (given.beta, given.size, given.normalize) == (3.0, 1, settings[2])
+    assert resolved_settings("catkd", teacher_arch, student_arch, catkd_size=1)["catkd_size"] == 1
     assert torch.equal(method.teacher_fc, teacher.network.fc.weight)
 
 
 def test_catkd_defaults():
     assert DEFAULT_SETTINGS == (400.0, 2, True)  # CAT-KD's mdistiller/engine/cfg.py
-    assert default_hyperparameters("catkd") == {"catkd_beta": None, "catkd_size": None}
+    assert default_hyperparameters("catkd") == {"catkd_beta": 400.0, "catkd_size": 2}
     assert ClassAttentionTransfer.default_weight == 1.0
     assert len(SETTINGS_BY_PAIR) == 11
 

@@ -4,12 +4,12 @@ Golden values are recomputed here in float64 numpy with explicit loops, never th
 own helpers; the methods work in float32, hence the 1e-5 relative tolerance. The modules are
 imported directly so that these tests do not depend on kd_losses/__init__.py listing them."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import resolved_settings
 from golden import as64, close, fake_outputs
 from kd_losses.cc import CorrelationCongruence
 from kd_losses.dkd import DecoupledKD
@@ -270,8 +270,9 @@ def test_dkd_warmup_factor_across_epochs():
     ("resnet56", "resnet20", 5.0, 5.0),
 ])
 def test_dkd_beta_resolution(teacher, student, given, expected):
-    method = DecoupledKD({}, {}, **{**defaults(DecoupledKD), "dkd_beta": given})
-    method.attach(SimpleNamespace(arch=student), SimpleNamespace(arch=teacher), torch.zeros(4, dtype=torch.long))
+    settings = resolved_settings("dkd", teacher, student, **({} if given is None else {"dkd_beta": given}))
+    assert settings["dkd_beta"] == expected  # resolved in the config, so args.json and last.pt hold it
+    method = DecoupledKD({}, {}, **{key: settings[key] for key in DecoupledKD.hyperparameters})
     assert method.beta == expected
 
 
@@ -300,10 +301,7 @@ def test_defaults_and_weights_match_the_notes():
         "stage2", "stage3", "pool")
     assert defaults(InstanceRelationshipGraph) == {"irg_w_vertex": 0.1, "irg_w_edge": 5.0, "irg_w_transform": 5.0}
     assert DecoupledKD.default_weight == 1.0
-    assert defaults(DecoupledKD) == {"dkd_alpha": 1.0, "dkd_beta": None, "T": 4.0, "dkd_warmup": 20,
+    assert defaults(DecoupledKD) == {"dkd_alpha": 1.0, "dkd_beta": 8.0, "T": 4.0, "dkd_warmup": 20,
                                      "logit_stand": False}
     assert isinstance(defaults(DecoupledKD)["dkd_warmup"], int)
-    default, _, kind = DecoupledKD.hyperparameters["dkd_beta"]
-    assert default is None and kind is float
-    # before attach() a method-decided beta is the general default
     assert DecoupledKD({}, {}, **defaults(DecoupledKD)).beta == 8.0

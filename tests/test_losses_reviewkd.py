@@ -4,13 +4,13 @@ checkpoint, and one training step on three pairs (cross-family and four-stage on
 
 The module is imported directly, which registers it, so that the tests do not depend on
 kd_losses/__init__.py."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from engine import Teacher
+from conftest import resolved_settings
 from golden import as64, batchnorm_train, close, randomize
 from kd_losses.reviewkd import ReviewKD, hcl
 from models import build_model
@@ -140,12 +140,9 @@ def test_warmup_factor():
     ("resnet32x4", "resnet8x4", 5.0), ("resnet32x4", "ShuffleV2", 8.0), ("resnet56", "resnet20", 0.6),
     ("wrn_40_2", "ShuffleV1", 5.0), ("resnet110", "resnet32", 1.0), ("vgg13", "vgg8", 1.0)])
 def test_weight_by_pair(teacher, student, weight):
-    m = method(weight=None)
-    m.attach(SimpleNamespace(arch=student), SimpleNamespace(arch=teacher), None)
-    assert m.weight == weight
-    given = method(weight=3.0)
-    given.attach(SimpleNamespace(arch=student), SimpleNamespace(arch=teacher), None)
-    assert given.weight == 3.0
+    assert resolved_settings("reviewkd", teacher, student)["reviewkd_weight"] == weight
+    assert resolved_settings("reviewkd", teacher, student, reviewkd_weight=3.0)["reviewkd_weight"] == 3.0
+    assert method(weight=weight).weight == weight
 
 
 # ---------------------------------------------------------------------------------- checkpoints

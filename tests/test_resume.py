@@ -1,5 +1,6 @@
 """Runs that survive: exact resume, atomic checkpoints, safe loading, divergence, clear errors."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -208,3 +209,96 @@ def test_saved_keys_carry_no_wrapper_prefix():
     compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled here
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     assert checkpoint.unwrap(compiled) is model and checkpoint.unwrap(model) is model
+
+
+def test_an_epoch_that_ends_non_finite_is_not_saved(cifar10_root, tmp_path):
+    """One step per epoch (batch 200 of 200 images), so that the step that breaks the model is an
+    epoch's last: its loss, taken before the update, is finite, and only the end of the epoch shows it."""
+    out = tmp_path / "run"
+    proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--model", "resnet8",
+                      "--batch-size", 200, "--epochs", 3, "--lr-milestones", 1, "--lr-gamma", 1e30, check=False)
+    assert_user_error(proc, "Epoch 2 ended with", "without saving it", "last.pt holds epoch 1")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    assert len(metrics_without_time(out)) == 1
+
+
+def test_a_kd_run_whose_first_epoch_ends_non_finite_saves_nothing(teacher, cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train_kd.py", "--teacher", teacher, "--method", "st", "--data-root", cifar10_root,
+                      "--output-dir", out, "--student", "resnet8", "--batch-size", 200, "--epochs", 1,
+                      "--kd-weight", 1e30, check=False)
+    assert_user_error(proc, "Epoch 1 ended with", "no epoch was saved")
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists() and not (out / "metrics.csv").exists()
+
+
+def test_a_non_finite_buffer_is_named():
+    from engine.loop import first_non_finite
+    from engine.tasks import Supervised
+    task = Supervised(build_model("resnet8", 10))
+    assert first_non_finite(task, {"test": {"loss": 1.0}, "validation": None}) is None
+    assert first_non_finite(task, {"test": {"loss": float("nan")}}) == "a test loss of nan"
+    task.student.bn1.running_var[3] = float("inf")
+    assert first_non_finite(task, {"test": {"loss": 1.0}}) == "the non-finite weight or buffer 'student.bn1.running_var'"
+
+
+def test_a_resume_names_the_milestones_it_keeps_and_late_ones(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    common = ("--data-root", cifar10_root, "--output-dir", out, "--model", "resnet8", "--batch-size", 40)
+    first = run_script("train_base.py", *common, "--epochs", 1, "--lr-milestones", 2, 3)
+    assert "the LR milestone(s) [2, 3] are at or past the last epoch (1)" in first.stdout
+    resumed = run_script("train_base.py", *common, "--epochs", 2, "--resume", "auto")
+    assert "resuming with --epochs 2 (the run had 1); its LR milestones [2, 3] are kept" in resumed.stdout
+    assert "the LR milestone(s) [2, 3] are at or past the last epoch (2)" in resumed.stdout
+
+
+def test_a_setting_resolved_per_pair_is_saved_and_resumes_with_its_value(cifar10_root, tmp_path):
+    """dkd's beta for a pair without its own (8): saved resolved, so a resume that types it is the same run;
+    a run saved before (None) resumes with the value it trained with too."""
+    teacher = tmp_path / "teacher"
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", teacher, "--model", "resnet8",
+               "--epochs", 1, "--batch-size", 40)
+    out = tmp_path / "dkd"
+    common = ("--teacher", teacher / "last.pt", "--method", "dkd", "--data-root", cifar10_root, "--student",
+              "resnet8", "--batch-size", 40, "--output-dir", out)
+    first = run_script("train_kd.py", *common, "--epochs", 1)
+    assert "'dkd_beta': 8.0" in first.stdout
+    assert json.load(open(out / "args.json"))["dkd_beta"] == 8.0
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["dkd_beta"] == 8.0
+    run_script("train_kd.py", *common, "--epochs", 2, "--resume", "auto", "--dkd-beta", 8)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["config"]["dkd_beta"] = ckpt["kd"]["dkd_beta"] = None  # as saved before settings were resolved
+    torch.save(ckpt, out / "last.pt")
+    run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--dkd-beta", 8)
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["dkd_beta"] == 8.0
+
+
+def test_resume_on_the_same_data_in_another_folder(cifar10_root, tmp_path):
+    import shutil
+    out, moved = tmp_path / "run", tmp_path / "moved-data"
+    shutil.copytree(cifar10_root, moved)
+    common = ("--output-dir", out, "--model", "resnet8", "--batch-size", 40)
+    run_script("train_base.py", "--data-root", cifar10_root, *common, "--epochs", 1)
+    run_script("train_base.py", "--data-root", moved, *common, "--epochs", 2, "--resume", "auto")
+    assert len(metrics_without_time(out)) == 2
+
+
+def test_a_second_process_is_refused_and_a_dead_ones_lock_and_temporaries_are_taken_over(cifar10_root, tmp_path):
+    from utils import claimed_output_dir
+    out = tmp_path / "run"
+    common = ("--data-root", cifar10_root, "--output-dir", out, "--model", "resnet8", "--batch-size", 40)
+    run_script("train_base.py", *common, "--epochs", 1)
+    before = open(out / "last.pt", "rb").read()
+    with claimed_output_dir(str(out), resuming=True):  # another writer holds the folder
+        proc = run_script("train_base.py", *common, "--epochs", 2, "--resume", "auto", check=False)
+        assert_user_error(proc, "is being written by process", "wait for it to finish")
+    assert open(out / "last.pt", "rb").read() == before and not (out / ".lock").exists()
+    dead = 2 ** 22 + 1  # above the kernel's largest process id: no process has it
+    (out / ".lock").write_text(f"process {dead} on a-host\n")  # the lock file of a process that died
+    (out / f"last.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (out / f"metrics.csv.tmp{os.getppid()}").write_bytes(b"a live process's")  # pytest's parent's: kept
+    resumed = run_script("train_base.py", *common, "--epochs", 2, "--resume", "auto")
+    assert f"removed {out / f'last.pt.tmp{dead}'}" in resumed.stdout
+    assert sorted(os.listdir(out)) == sorted(["args.json", "best.pt", "last.pt", "metrics.csv",
+                                              f"metrics.csv.tmp{os.getppid()}"])

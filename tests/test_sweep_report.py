@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 
 import report
-from conftest import DEVICE, ROOT, run_script
+from conftest import DEVICE, ROOT, make_cifar10, run_script
 from data import load_cifar
 
 
-def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110", **kd):
+def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110", settings=(),
+             **kd):
     folder = os.path.join(root, name)
     os.makedirs(folder)
-    args = {"dataset": dataset, "model": model, "seed": seed, "epochs": len(test_top1)}
+    args = {"dataset": dataset, "model": model, "seed": seed, "epochs": len(test_top1), **dict(settings)}
     if method != "baseline":
         args.update(method=method, teacher_arch=teacher, **kd)
     with open(os.path.join(folder, "args.json"), "w") as f:
@@ -63,6 +64,36 @@ def test_report_means_stds_and_gains(runs):
     assert f"{st_last.mean():.2f} ± {st_last.std(ddof=1):.2f}" in text
     assert f"{st_last.mean() - base_last.mean():+.2f}" in text
     assert text.index("| baseline | resnet20") < text.index("| st | resnet20")
+
+
+def test_report_never_puts_two_identities_in_one_row(runs, capsys):
+    """Runs made with other settings (a recipe flag, other data) get rows of their own, labelled with
+    what differs; a second run of one identity and seed is a duplicate, not a further seed; a KD row's
+    gain is over the baseline of its own settings; a folder that cannot be read is left out, named."""
+    fake_run(runs, "base-lr", "cifar10", "baseline", "resnet20", 0, [80, 80, 80], settings={"lr": 0.02, "batch_size": 16})
+    fake_run(runs, "base1-again", "cifar10", "baseline", "resnet20", 1, [10, 10, 10])  # seed 1 again
+    for seed, data in ((0, "a"), (1, "a"), (0, "b")):
+        fake_run(runs, f"base-data-{data}{seed}", "cifar10", "baseline", "resnet20", seed, [40, 40, 40 + seed],
+                 settings={"data_sha256": data * 64})
+    fake_run(runs, "st-data-a", "cifar10", "st", "resnet20", 0, [50, 50, 50], settings={"data_sha256": "a" * 64})
+    os.makedirs(os.path.join(runs, "broken"))
+    open(os.path.join(runs, "broken", "args.json"), "w").write("{not json")
+    open(os.path.join(runs, "broken", "metrics.csv"), "w").write("epoch,test_top1\n1,99\n")
+    table = {row["label"]: row for row in report.summarise(report.read_runs(runs)) if row["model"] == "resnet20"}
+    assert "broken is left out: its args.json or metrics.csv cannot be read (JSONDecodeError" in capsys.readouterr().err
+    # (the fixture's runs were saved without their data's sha256, as runs were before it was recorded)
+    assert set(table) == {"baseline (data unrecorded)", "baseline (batch size 16, lr 0.02)",
+                          "baseline (data aaaaaaaaaaaa)", "baseline (data bbbbbbbbbbbb)", "st (data unrecorded)",
+                          "st (data aaaaaaaaaaaa)"}
+    base = table["baseline (data unrecorded)"]
+    assert base["seeds"] == [0, 1, 2] and base["last"][0] == pytest.approx(np.mean([v[-1] for v in BASE.values()]))
+    assert base["duplicates"] == [(os.path.join(runs, "base1-again"), os.path.join(runs, "base1"))]  # first kept
+    assert table["baseline (batch size 16, lr 0.02)"]["seeds"] == [0]
+    assert table["baseline (data aaaaaaaaaaaa)"]["seeds"] == [0, 1]
+    assert table["st (data aaaaaaaaaaaa)"]["gain"] == pytest.approx(50 - 40.5)  # over the baseline on data a
+    assert table["st (data unrecorded)"]["gain"] == pytest.approx(np.mean([v[-1] for v in ST.values()]) - base["last"][0])
+    text = report.markdown(list(table.values()))
+    assert "| 0,1,2 (1 duplicate left out) |" in text and "the same run as" in text
 
 
 def test_report_labels_runs_off_their_methods_defaults_and_marks_short_ones(tmp_path):
@@ -154,6 +185,53 @@ def test_sweep_runs_everything_once_and_then_skips(cifar10_root, tmp_path):
     assert second.stdout.count("skip  ") == 6 and second.stdout.count("run   ") == 1
     table = report.summarise(report.read_runs(str(root)))
     assert {(row["method"], tuple(row["seeds"])) for row in table} >= {("st", (0, 1)), ("at", (0, 1))}
+    # other settings: nothing is trained, every differing folder is named with what differs
+    times = {name: os.path.getmtime(root / name / "last.pt") for name in names}
+    other_lr = run_script(*args, "--lr", 0.02, check=False)  # the teacher's first: the students' teacher would change
+    assert other_lr.returncode == 2 and "1 run folder(s) hold runs made with other settings" in other_lr.stderr
+    assert f"differs {root / 'teacher-resnet8-seed0'}: lr 0.1 there, 0.02 now" in other_lr.stdout
+    assert "run   " not in other_lr.stdout
+    other_weight = run_script(*args, "--kd-weight", 0.5, check=False)  # the KD runs only
+    assert other_weight.returncode == 2 and other_weight.stdout.count("differs") == 4
+    assert "kd weight 0.1 there, 0.5 now" in other_weight.stdout
+    assert times == {name: os.path.getmtime(root / name / "last.pt") for name in names}
+    split = args.index("--")
+    rerun = run_script(*args[:split], "--rerun", *args[split:], "--kd-weight", 0.5)
+    assert rerun.stdout.count("rerun ") == 4 and rerun.stdout.count("skip  ") == 3
+    assert json.load(open(root / "st-resnet8-seed1" / "args.json"))["kd_weight"] == 0.5
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_the_sweeps_runs_and_a_second_sweep_is_refused(teacher, tmp_path):
+    """SIGTERM to sweep.py stops its running run as SIGTERM stops a run (resumable) instead of leaving it
+    training; while a sweep works in an output root a second one is refused; rerunning resumes."""
+    import signal
+    import time
+    data_root = make_cifar10(str(tmp_path / "data"), per_batch=200)
+    root = tmp_path / "sweep"
+    args = [sys.executable, os.path.join(ROOT, "sweep.py"), "--data-root", data_root, "--teacher-checkpoint", teacher,
+            "--student", "resnet8", "--methods", "st", "--seeds", 0, "--output-root", root, "--gpus", "--",
+            "--epochs", 4, "--batch-size", 50, "--device", DEVICE]
+    args = list(map(str, args))
+    sweep = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = root / "st-resnet8-seed0" / "metrics.csv"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "is being written by process" in second.stderr
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 128 + signal.SIGTERM, out + err
+    assert "SIGTERM: the sweep stopped" in err
+    log = (root / "st-resnet8-seed0" / "log.txt").read_text()
+    assert "SIGTERM in epoch" in log and "resume with" in log  # the run stopped as a run does
+    assert not (root / "st-resnet8-seed0" / ".lock").exists()  # and no process holds the folder
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resume /" in again.stdout or "resume " + str(root) in again.stdout
+    with open(metrics) as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2", "3", "4"]  # each epoch once
 
 
 @pytest.mark.slow
@@ -169,8 +247,10 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     first = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     swept = report.read_runs(str(work / "sweep"))
-    assert {(r["label"], r["seed"]) for r in swept} == {("baseline", 0), ("st", 0), ("at", 0),
-                                                         ("st (kd weight 0.5)", 0)}
+    # labelled with what differs from the recipe and the methods' defaults
+    assert {(r["label"], r["seed"]) for r in swept} == {("baseline (batch size 20)", 0), ("st (batch size 20)", 0),
+                                                         ("at (batch size 20)", 0),
+                                                         ("st (batch size 20, kd weight 0.5)", 0)}
     train_x, train_y, test_x, test_y = load_cifar("cifar10", str(work / "data" / "students"), download=False)
     full_x, full_y, official_x, _ = load_cifar("cifar10", cifar10_root, download=False)
     evaluation = np.loadtxt(work / "data" / "eval_indices.txt", dtype=np.int64)
@@ -180,10 +260,44 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     assert not students & evaluated
     official = open(work / "sweep" / "official_test.md").read()
     assert f"on the {len(official_x)} official CIFAR-10 test images" in official
-    assert "| st | 1 |" in official and "| baseline | 1 |" in official and "| st (kd weight 0.5) | 1 |" in official
+    assert "| st (batch size 20) | 1 |" in official and "| baseline (batch size 20) | 1 |" in official
+    assert "| st (batch size 20, kd weight 0.5) | 1 |" in official
     assert sorted(os.listdir(tmp_path / "published")) == sorted(
         ["official_test.md", "report.md"] + [p for p in ("test_top1.png", "train_loss.png")
                                             if os.path.exists(work / "sweep" / p)])
     again = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "skip  " in again.stdout
     assert "+ python train_base.py" not in again.stdout  # the teacher is done
+
+
+def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_root, tmp_path):
+    """sweep.py skips a run only when its saved identity is the requested one: any setting that changes
+    results (the data by their contents, not their folder) makes it differ, named."""
+    import shutil
+
+    import data
+    import sweep
+    out = str(tmp_path / "baseline")
+
+    def command(data_root=cifar10_root, *more):
+        return ["train_base.py", "--model", "resnet8", "--dataset", "cifar10", "--data-root", str(data_root),
+                "--epochs", "1", "--batch-size", "40", "--device", DEVICE, *map(str, more)]
+    assert sweep.saved_state(out, None) == ("new", None)
+    run_script(*command(), "--output-dir", out)
+    sha = data.data_sha256(*load_cifar("cifar10", cifar10_root, download=False))
+
+    def state(*more, data_root=cifar10_root, data_sha256=sha):
+        return sweep.saved_state(out, sweep.requested_identity(command(data_root, *more), out, data_sha256))
+    assert state() == ("complete", None)
+    assert state("--lr", 0.02) == ("differs", "lr 0.1 there, 0.02 now")
+    assert state("--epochs", 2) == ("differs", "epochs 1 there, 2 now; lr milestones [1] there, [1, 2] now")
+    assert state("--seed", 1) == ("differs", "seed 0 there, 1 now")
+    moved = tmp_path / "moved"
+    shutil.copytree(cifar10_root, moved)
+    assert state(data_root=moved) == ("complete", None)  # the same arrays elsewhere
+    assert state(data_sha256="0" * 64) == ("differs", f"data sha256 {sha[:12]} there, {'0' * 12} now")
+    os.remove(os.path.join(out, "last.pt"))
+    assert state() == ("resume", None)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        f.write("{")
+    assert state()[0] == "differs" and "cannot be read" in state()[1]

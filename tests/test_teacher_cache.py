@@ -221,3 +221,28 @@ def test_the_cache_is_stored_in_the_teachers_precision(teacher, small_root, tmp_
     saved = torch.load(tmp_path / name, weights_only=True)
     assert saved["key"]["precision"] == "bf16" and saved["outputs"]["logits"].shape == (20, VIEWS, 10)
     assert {t.dtype for t in saved["outputs"].values()} == {torch.bfloat16}
+
+
+def test_a_corrupt_cache_is_never_used(teacher, small_root, tmp_path):
+    """A cache whose tables were overwritten with other values of the same size (key and stored sha256
+    untouched) is refused by its checksum and built again: the run's KD term is the uncached run's."""
+    caches = tmp_path / "caches"
+    flags = ("--teacher-cache", "on", "--teacher-cache-dir", caches)
+    kd(teacher, small_root, tmp_path / "a", "st", *flags)
+    [name] = cache_files(caches)
+    saved = torch.load(caches / name, weights_only=True)
+    saved["outputs"]["logits"] = torch.randn_like(saved["outputs"]["logits"])
+    torch.save(saved, caches / name)
+    proc = kd(teacher, small_root, tmp_path / "b", "st", *flags)
+    assert "differ from the checksum stored with them (the file is corrupt)" in proc.stdout
+    assert "teacher cache: building" in proc.stdout and "teacher cache: using" not in proc.stdout
+    kd(teacher, small_root, tmp_path / "c", "st", "--teacher-cache", "off")
+    rebuilt, uncached = (float(read_rows(tmp_path / run)[0]["train_kd"]) for run in ("b", "c"))
+    assert rebuilt == pytest.approx(uncached, rel=1e-5)
+    assert "teacher cache: using" in kd(teacher, small_root, tmp_path / "d", "st", *flags).stdout  # the rebuilt one
+
+
+def read_rows(out):
+    import csv
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
