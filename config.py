@@ -5,8 +5,10 @@ Where a value comes from, first match wins:
   1. a resumed run (--resume): the run's own config, saved in its last.pt; only the flags in
      MAY_CHANGE_ON_RESUME may differ from it
   2. the flag, when typed
-  3. the recipe of the data set (RECIPES), for the recipe flags
-  4. the method's own default (kd_losses/<method>.py), for --kd-weight and the method's flags
+  3. for the recipe flags: the method's official recipe where it has its own (KDMethod.official_recipe),
+     then the network's LR where the data set's recipe sets another for it (LR_BY_MODEL), then the
+     recipe of the data set (RECIPES)
+  4. the method's own default for the pair (kd_losses/<method>.py), for --kd-weight and the method's flags
   5. DEFAULTS
 Every parser default is None, so a flag that is not None was typed: no second parse is needed.
 """
@@ -34,6 +36,10 @@ RECIPES = {
     "cifar100": dict(epochs=240, lr_milestones=[150, 180, 210], batch_size=64, lr=0.05,
                      momentum=0.9, nesterov=False, weight_decay=5e-4, padding="zeros"),
 }
+# Per data set, the networks its recipe trains at another LR, as teachers and as students:
+# RepDistiller's MobileNetV2, ShuffleV1 and ShuffleV2 at 0.01 on CIFAR-100 (train_student.py L92-94,
+# train_teacher.py L54-56; mdistiller's configs for these students agree)
+LR_BY_MODEL = {"cifar100": {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}}
 
 DEFAULTS = dict(
     dataset="cifar10",       # train_kd.py: the teacher's
@@ -222,7 +228,12 @@ def resolve(args, script):
     if resume:
         values = adopt_saved(values, typed, *resume)
     else:
-        values.update(recipe_values(values["dataset"], typed))
+        official = METHODS[values["method"]].official_recipe(values["dataset"], values["teacher_arch"], values["model"],
+                                                             bool(typed.get("logit_stand"))) if script == "kd" else {}
+        recipe = recipe_values(values["dataset"], typed, values["model"], official)
+        values.update(recipe)
+        log("recipe: " + ", ".join(f"{key.replace('_', ' ')} {value}" + recipe_source(key, typed, official, values)
+                                   for key, value in recipe.items()))
     late = [m for m in values["lr_milestones"] if m >= values["epochs"]]
     if late:
         log(f"note: the LR milestone(s) {late} are at or past the last epoch ({values['epochs']}), so they never "
@@ -297,11 +308,15 @@ def imported_teacher(path, arch, dataset):
     return import_teacher(path, arch, dataset, DATASETS[dataset].num_classes)
 
 
-def recipe_values(dataset, typed, quiet=False):
-    """The recipe flags left out, from RECIPES[dataset]; with --epochs alone, the milestones scaled to it
-    (and a note says so, unless quiet)."""
+def recipe_values(dataset, typed, model, official=None, quiet=False):
+    """The recipe flags left out: from `official` (a method's official recipe), else LR_BY_MODEL for the
+    model, else RECIPES[dataset]; with --epochs alone, the recipe's milestones scaled to it (and a note
+    says so, unless quiet), an official recipe's epochs and milestones then left out."""
     recipe = RECIPES[dataset]
-    values = {key: typed.get(key, default) for key, default in recipe.items()}
+    official = {key: value for key, value in (official or {}).items()
+                if "epochs" not in typed or key not in ("epochs", "lr_milestones")}
+    defaults = {**recipe, "lr": LR_BY_MODEL.get(dataset, {}).get(model, recipe["lr"]), **official}
+    values = {key: typed.get(key, default) for key, default in defaults.items()}
     if "lr_milestones" not in typed and "epochs" in typed and typed["epochs"] != recipe["epochs"]:
         scale = typed["epochs"] / recipe["epochs"]
         values["lr_milestones"] = sorted({max(1, round(m * scale)) for m in recipe["lr_milestones"]})
@@ -311,6 +326,17 @@ def recipe_values(dataset, typed, quiet=False):
     if sorted(set(values["lr_milestones"])) != values["lr_milestones"]:
         raise UserError(f"--lr-milestones must increase strictly, got {values['lr_milestones']}.")
     return values
+
+
+def recipe_source(key, typed, official, values):
+    """Where a recipe setting comes from, for the log: '' for the data set's recipe."""
+    if key in typed:
+        return " (given)"
+    if key in official:
+        return f" (--method {values['method']}'s official recipe)"
+    if key == "lr" and values["model"] in LR_BY_MODEL.get(values["dataset"], {}):
+        return f" ({values['model']}'s in the {values['dataset']} recipe)"
+    return ""
 
 
 def refuse_other_methods_flags(method, typed):

@@ -28,6 +28,10 @@ class CifarSpec:
     std: tuple
 
 
+# Normalisation (mean, std per channel) as the recipe's source normalises: CIFAR-10 the seed zoo's
+# (AberHu/Knowledge-Distillation-Zoo, train_base.py's transforms); CIFAR-100 RepDistiller's
+# (HobbitLong/RepDistiller, dataset/cifar100.py L57 and L61, the same digits as mdistiller's
+# mdistiller/dataset/cifar100.py L123 and L134), with which the community's CIFAR-100 teachers were trained
 DATASETS = {
     "cifar10": CifarSpec(
         "CIFAR-10", "cifar-10-batches-py",
@@ -35,7 +39,7 @@ DATASETS = {
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": CifarSpec(
         "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels", 100,
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 
 

@@ -75,14 +75,26 @@ KD_SETTINGS = set(KD_ONLY) | {"teacher_arch", "teacher_sha256"} | {
     key for cls in METHODS.values() for key in cls.hyperparameters}
 
 
+def official_recipe(args):
+    """The recipe settings a KD run's method trains its pair with where they are not the data set's
+    recipe (KDMethod.official_recipe); {} for a baseline and most methods."""
+    method = args.get("method")
+    if method not in METHODS:
+        return {}
+    return METHODS[method].official_recipe(args["dataset"], args.get("teacher_arch"), args["model"],
+                                           bool(args.get("logit_stand")))
+
+
 def defaults_for(args):
     """The settings a run of this data set, epoch count, method and pair gets from no flag: the recipe's
-    (its milestones scaled to the epochs), the shortcut and LR factor, and a KD run's method defaults for
+    (the network's LR where the recipe sets another, the method's official recipe where it has one, the
+    milestones scaled to the epochs), the shortcut and LR factor, and a KD run's method defaults for
     its pair (with --logit-stand, the settings that switch brings for it)."""
-    dataset, epochs = args["dataset"], args["epochs"]
+    dataset, epochs, method = args["dataset"], args["epochs"], args.get("method")
+    official = official_recipe(args)
+    typed = {} if official.get("epochs", RECIPES[dataset]["epochs"]) == epochs else {"epochs": epochs}
     defaults = {key: DEFAULTS[key] for key in ("shortcut", "lr_gamma")}
-    defaults.update(recipe_values(dataset, {"epochs": epochs}, quiet=True))
-    method = args.get("method")
+    defaults.update(recipe_values(dataset, typed, args["model"], official, quiet=True))
     if method in METHODS:
         defaults.update(kd_weight=default_weight(method, dataset), ce_weight=METHODS[method].default_ce_weight,
                         **default_hyperparameters(method, args.get("teacher_arch"), args["model"]))
@@ -106,11 +118,26 @@ def setting(key, value):
     return f"{name} {value}"
 
 
+def differences(args):
+    """What sets a run apart from the defaults of its data set, epochs, model and method, in words ('kd
+    weight 0.1', 'T 2'); for a run with --logit-stand, from the settings that switch brings for its pair."""
+    return [setting(key, args[key]) for key, default in defaults_for(args).items()
+            if key in args and args[key] != default]
+
+
 def variant(args):
-    """What sets a run apart from the defaults of its data set, epochs and method ('kd weight 0.1, T 2'),
-    or ''; for a run with --logit-stand, from the settings that switch brings for its pair."""
-    return ", ".join(setting(key, args[key]) for key, default in defaults_for(args).items()
-                     if key in args and args[key] != default)
+    """differences(args) joined, after what the run took from its method's official recipe, where the
+    method has one other than the data set's ('official recipe: lr 0.025, T 2'), or ''."""
+    used = {key: value for key, value in official_recipe(args).items() if args.get(key) == value}
+    official = ["official recipe: " + ", ".join(setting(key, value) for key, value in used.items())] if used else []
+    return ", ".join(official + differences(args))
+
+
+def comparable(args):
+    """Whether a published number was trained with this run's settings: those of its method and recipe,
+    for at least as many epochs."""
+    return not differences(args) and \
+        args["epochs"] >= official_recipe(args).get("epochs", RECIPES[args["dataset"]]["epochs"])
 
 
 def read_runs(root):
@@ -125,7 +152,7 @@ def read_runs(root):
                 args = json.load(f)
             with open(os.path.join(folder, "metrics.csv")) as f:
                 rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-            changed = variant(args)
+            changed, published_setting = variant(args), comparable(args)
             identity = {k: v for k, v in run_identity(args).items() if k != "seed"}
             seed, epochs, model = args["seed"], args["epochs"], args["model"]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -139,6 +166,7 @@ def read_runs(root):
         # a logit-standardised run is its own method in the table and in the published numbers
         method = args.get("method", "baseline") + ("+ls" if args.get("logit_stand") else "")
         runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
+                     "comparable": published_setting,
                      "label": f"{method} ({changed})" if changed else method, "epochs": epochs,
                      "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
                      "complete": len(rows) >= epochs, "rows": rows, "last": rows[-1]["test_top1"],
@@ -177,9 +205,8 @@ def summarise(runs):
         base = baselines.get(json.dumps({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS},
                                         sort_keys=True))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
-        comparable = not changed and epochs >= RECIPES[dataset]["epochs"]
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
-                      "model": model, "teacher": teacher, "runs": group, "comparable": comparable,
+                      "model": model, "teacher": teacher, "runs": group, "comparable": first["comparable"],
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
                       "gain": None if base is None or method == "baseline" else last[0] - base,
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),

@@ -109,6 +109,33 @@ and `runs_teacher = True` for a step that calls the teacher itself; then run
 `python docs/make_docs.py`.
 """
 
+RECIPE_NOTES = """\
+## Official recipes
+
+The CIFAR-100 recipe (`config.RECIPES`) is the CRD benchmark's: RepDistiller's 240 epochs, LR 0.05
+times 0.1 after epochs 150, 180 and 210, batch 64, SGD with momentum 0.9, weight decay 5e-4, no
+warm-up (`train_student.py` L44-54), with LR 0.01 for MobileNetV2, ShuffleV1 and ShuffleV2 as
+students and as teachers (`config.LR_BY_MODEL`; `train_student.py` L92-94, `train_teacher.py` L54-56).
+The official code of each method was checked for another LR, epoch count, batch or warm-up:
+
+| method | official code | its recipe against the CIFAR-100 recipe |
+|---|---|---|
+| `logits` to `dml` (the seed zoo's and RepDistiller's), `kdsvd` | the seed zoo's `train_*.py`; RepDistiller; mdistiller `configs/cifar100/*.yaml` L10-17 | the data sets' recipes, which come from them (mdistiller sets the mobile students' LR 0.01 per config file) |
+| `dkd`, `reviewkd` | mdistiller `configs/cifar100/dkd/*.yaml`, `reviewkd.yaml` | the same; their 20-epoch warm-up ramps the loss, not the LR (`--dkd-warmup`, `--reviewkd-warmup`) |
+| `catkd` | CAT-KD `configs/cifar100/CAT_KD/*.yaml` L10-17 | the same |
+| `simkd` | SimKD `train_student.py` L42-66, L95-96 | the same; its LR 0.01 rule also names MobileNetV2_1_0 and ShuffleV2_1_5, networks this zoo lacks |
+| `dist` | DIST_KD `dist_cifar.yaml` | a nominal 120-epoch warm-up at the base LR 0.05, then x0.1 every 30 epochs, stepped per iteration: RepDistiller's LR values; batch 64, weight decay 5e-4 |
+| `ctkd` | CTKD `train_student.py` L46-59, `scripts/run_cifar_distill.sh` L17-25 | the same in the published script (the code's own defaults are LR 0.1 and batch 128), with RepDistiller's LR 0.01 rule (L125-126) |
+| `nkd` | cls_KD `configs/distillers/cifar100/res34_distill_res18_cifar.py` | mmcls ResNet34 -> ResNet18 only (200 epochs, LR 0.1 at 100 and 150, weight decay 1e-4, 8 x 16 images): no pair of this zoo |
+| `mlkd` | MLKD `configs/cifar100/ours/*.yaml` L11-12; logit standardisation `configs/cifar100/mlkd/*.yaml` | its own, below |
+| `kdsvd` (the paper's) | SSKD_SVD `train.py` (TensorFlow) | 200 epochs, LR 0.01, batch 128, Nesterov: not the CRD benchmark's, whose numbers come from RepDistiller's port |
+
+A method whose official recipe is its own declares it (`KDMethod.official_recipe`), and a run takes
+it unless the flag is given (with `--epochs` given, the data set's milestones scaled to it); it is
+logged, saved, and `report.py` labels such a row "official recipe: ...". MLKD's LR applies on
+CIFAR-10 too, where the recipe's 0.1 makes its loss explode in the first epoch:
+"""
+
 PUBLISHED_NOTES = """\
 He et al. 2016 report CIFAR-10 errors of 8.75 % (ResNet-20) and 6.43 % (ResNet-110). The seed
 zoo's numbers are single runs of unstated convention; the CRD paper's are last-epoch accuracies.
@@ -224,8 +251,10 @@ def benchmark_tables(rows):
 
 
 def setting_text(settings):
-    names = {"T": "T", "kd_weight": "KD weight", "ce_weight": "CE weight", "dkd_beta": "beta"}
-    return ", ".join(f"{names.get(k, '--' + k.replace('_', '-'))} {number(v)}" for k, v in settings.items())
+    names = {"T": "T", "kd_weight": "KD weight", "ce_weight": "CE weight", "dkd_beta": "beta", "lr": "LR",
+             "epochs": "epochs", "lr_milestones": "LR x0.1 after epochs"}
+    return ", ".join(f"{names.get(k, '--' + k.replace('_', '-'))} "
+                     f"{', '.join(map(str, v)) if isinstance(v, list) else number(v)}" for k, v in settings.items())
 
 
 def pair_settings_table():
@@ -237,6 +266,24 @@ def pair_settings_table():
     for name, cls in METHODS.items():
         for (teacher, student), settings in cls.settings_by_pair.items():
             lines.append(f"| `{name}` | {teacher} → {student} | {setting_text(settings)} |")
+    return lines
+
+
+def official_recipe_table():
+    """The recipe each method with its own takes on CIFAR-100 on the pairs with published numbers
+    (KDMethod.official_recipe)."""
+    pairs = first_seen((r["teacher"], r["student"]) for r in published_rows() if r["dataset"] == "cifar100" and r["teacher"])
+    lines = ["| method | pairs | recipe |", "|---|---|---|"]
+    for name, cls in METHODS.items():
+        for logit_stand in (False, True) if "logit_stand" in cls.hyperparameters else (False,):
+            by_recipe = {}
+            for teacher, student in pairs:
+                recipe = cls.official_recipe("cifar100", teacher, student, logit_stand)
+                if recipe:
+                    by_recipe.setdefault(setting_text(recipe), []).append(f"{teacher} → {student}")
+            for text, named in by_recipe.items():
+                label = f"`{name}`" + (" `--logit-stand`" if logit_stand else "")
+                lines.append(f"| {label} | {', '.join(named)} | {text} |")
     return lines
 
 
@@ -259,6 +306,7 @@ def render():
     parts = [INTRO, "## The methods", "", f"{len(METHODS)} methods, in the registry's order (that of `--help`).", ""]
     parts += methods_table()
     parts += [""] + pair_settings_table()
+    parts += ["", RECIPE_NOTES] + official_recipe_table()
     parts += [""] + logit_stand_table()
     parts += ["", "## Published numbers", "",
               "Test top-1 (%) to reproduce, generated from `docs/published.csv` (seed zoo: the seed zoo's README, "
@@ -267,7 +315,9 @@ def render():
               "README, ReviewKD from its paper's table as quoted in the README of "
               "WangYZ1608/Knowledge-Distillation-via-ND, MLKD and the logit-standardised `st+ls`, `dkd+ls`, "
               "`ctkd+ls` and `mlkd+ls` from sunshangquan/logit-standardization-KD's README (`report.py` labels a `--logit-stand` run "
-              "METHOD+ls); `dml`: the seed zoo's ResNet-20 trained beside a ResNet-110).", "",
+              "METHOD+ls), which also gives `st`, `ctkd`, `dkd` and `mlkd` on four pairs outside RepDistiller's table "
+              "(resnet32x4 → wrn_16_2 and wrn_40_2, wrn_40_2 → resnet8x4 and MobileNetV2); `dml`: the seed zoo's "
+              "ResNet-20 trained beside a ResNet-110).", "",
               f"The seed zoo's pair, {teacher} teacher and {student} student:", ""]
     parts += pair_table(rows) + [""]
     parts += benchmark_tables(rows)

@@ -11,7 +11,8 @@ batches that computed them hold other images.
 The table covers every image of the data set's training files, held-out ones too, so that one
 cache serves every --val-split and seed. It is stored in the teacher's compute precision (bf16 under
 --amp bf16), beside the teacher checkpoint or in --teacher-cache-dir, in a file named after its key
-(the teacher's sha256, the training files' sha256, the padding and the precision) and the outputs it
+(the teacher's sha256, the training files' sha256, the normalisation, the padding and the precision) and
+the outputs it
 holds; a cache holding more outputs than a method reads serves it too. Each output's sha256 is stored
 with it and checked when the cache is loaded: a corrupt file is never used (it is built again).
 """
@@ -25,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import VIEWS, every_view, load_cifar, training_files_sha256
+from data import DATASETS, VIEWS, every_view, load_cifar, training_files_sha256
 from utils import UserError, barrier, is_main, log, make_writable_folder
 
 from .checkpoint import save_atomic
@@ -52,8 +53,10 @@ class TeacherCache:
 
 def cache_key(cfg):
     """What decides every cached output, except which outputs are kept (they are in the file name)."""
+    spec = DATASETS[cfg.dataset]
     return {"format": FORMAT, "teacher_sha256": cfg.teacher_sha256, "dataset": cfg.dataset,
             "training_files_sha256": training_files_sha256(cfg.dataset, cfg.data_root),
+            "mean": list(spec.mean), "std": list(spec.std),
             "padding": cfg.padding, "precision": "bf16" if cfg.amp == "bf16" else "fp32"}
 
 

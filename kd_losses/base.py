@@ -95,6 +95,12 @@ class KDMethod(nn.Module):
         return ""
 
     @classmethod
+    def official_recipe(cls, dataset, teacher, student, logit_stand):
+        """The recipe settings (config.RECIPES' keys) the official code trains this pair with where they
+        are not the data set's recipe; config.resolve applies them unless given. Most methods: none."""
+        return {}
+
+    @classmethod
     def logit_stand_defaults(cls, teacher, student):
         """The defaults --logit-stand brings for this pair (flags, kd_weight, ce_weight)."""
         return {**cls.logit_stand_settings[None], **cls.logit_stand_settings.get((teacher, student), {})}

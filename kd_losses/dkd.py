@@ -58,7 +58,10 @@ class DecoupledKD(KDMethod):
         ("resnet110", "resnet32"): {"kd_weight": 15.0, "dkd_beta": 2.0},
         ("resnet110", "resnet20"): {"kd_weight": 15.0, "dkd_beta": 2.0},
         ("vgg13", "MobileNetV2"): {"T": 3.0, "dkd_beta": 2.0},
-        ("ResNet50", "MobileNetV2"): {"kd_weight": 15.0, "dkd_beta": 2.0}}
+        ("ResNet50", "MobileNetV2"): {"kd_weight": 15.0, "dkd_beta": 2.0},
+        ("resnet32x4", "wrn_16_2"): {"dkd_beta": 2.0},
+        ("wrn_40_2", "MobileNetV2"): {"kd_weight": 15.0, "dkd_beta": 2.0},
+        ("wrn_40_2", "resnet8x4"): {"kd_weight": 18.0, "dkd_beta": 2.0}}
 
     def __init__(self, student_shapes, teacher_shapes, dkd_alpha, dkd_beta, T, dkd_warmup, logit_stand):
         super().__init__(student_shapes, teacher_shapes)

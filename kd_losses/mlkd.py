@@ -5,6 +5,17 @@ from .base import LOGIT_STAND, KDMethod, as_float, register, standardize
 
 # the temperatures the official code uses beside its base temperature T, in its order
 OTHER_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
+# The official recipes (CIFAR-100). MLKD's configs (Jin-Ying/Multi-Level-Logit-Distillation,
+# configs/cifar100/ours/*.yaml L11-12): LR 0.025, 0.01 for MobileNet and ShuffleNet students; 240 epochs
+# but on the pairs below; the LR decays at 150, 180 and 210 whatever the epoch count. The logit
+# standardisation code's (sunshangquan/logit-standardization-KD, configs/cifar100/mlkd/*.yaml): 480
+# epochs, 960 for resnet32x4 -> ShuffleV1/V2; LR as MLKD's but on the pairs in LS_LR.
+LR, MOBILE_LR, MOBILE = 0.025, 0.01, ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+EPOCHS = {("resnet32x4", "ShuffleV1"): 960, ("resnet32x4", "ShuffleV2"): 960, ("ResNet50", "MobileNetV2"): 480,
+          ("vgg13", "MobileNetV2"): 480, ("wrn_40_2", "ShuffleV1"): 480}
+LS_EPOCHS = {("resnet32x4", "ShuffleV1"): 960, ("resnet32x4", "ShuffleV2"): 960}
+LS_LR = {("vgg13", "vgg8"): 0.01, ("wrn_40_2", "MobileNetV2"): 0.005}
+MILESTONES = [150, 180, 210]
 
 
 def instance_term(z_s, z_t, T):
@@ -57,8 +68,7 @@ class MultiLevelKD(KDMethod):
                   "it keeps (about 1/2) rather than selecting samples or classes; the strong view's instance terms "
                   "at 2 and 6 read the weak view's logits; its class and batch terms are left out of the loss. The "
                   "strong view is made on the device (`rand_augment.py`): PIL's ops bit for bit, but Rotate moves "
-                  "about 2 pixels in a million to a neighbour. Its configs' recipe is not ours: `--lr 0.025` "
-                  "(0.01 for ShuffleNet and MobileNet students), some pairs 480 or 960 epochs")
+                  "about 2 pixels in a million to a neighbour")
     default_weight = 0.9
     default_ce_weight = 0.1
     strong_view = True
@@ -70,6 +80,19 @@ class MultiLevelKD(KDMethod):
         None: {"T": 2.0, "kd_weight": 9.0},
         ("resnet32x4", "ShuffleV2"): {"kd_weight": 6.0}, ("vgg13", "vgg8"): {"kd_weight": 6.0},
         ("vgg13", "MobileNetV2"): {"kd_weight": 6.0}}
+
+    @classmethod
+    def official_recipe(cls, dataset, teacher, student, logit_stand):
+        """The official configs' LR (on CIFAR-10 too: the CIFAR-10 recipe's 0.1 makes the loss explode in the
+        first epoch) and, on CIFAR-100, their epochs with the LR decaying at 150, 180 and 210."""
+        lr = MOBILE_LR if student in MOBILE else LR
+        if logit_stand:
+            lr = LS_LR.get((teacher, student), lr)
+        epochs = LS_EPOCHS.get((teacher, student), 480) if logit_stand else EPOCHS.get((teacher, student), 240)
+        recipe = {"lr": lr}
+        if dataset == "cifar100" and epochs != 240:
+            recipe.update(epochs=epochs, lr_milestones=MILESTONES)
+        return recipe
 
     def __init__(self, student_shapes, teacher_shapes, T, logit_stand):
         super().__init__(student_shapes, teacher_shapes)

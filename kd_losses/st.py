@@ -18,7 +18,9 @@ class SoftTarget(KDMethod):
     logit_stand_settings = {
         None: {"T": 2.0, "kd_weight": 9.0, "ce_weight": 0.1},
         ("vgg13", "vgg8"): {"T": 3.0}, ("resnet110", "resnet20"): {"T": 4.0, "kd_weight": 12.0},
-        ("vgg13", "MobileNetV2"): {"T": 3.0}, ("ResNet50", "MobileNetV2"): {"T": 3.0, "kd_weight": 1.0}}
+        ("vgg13", "MobileNetV2"): {"T": 3.0}, ("ResNet50", "MobileNetV2"): {"T": 3.0, "kd_weight": 1.0},
+        ("resnet32x4", "wrn_16_2"): {"T": 3.0}, ("resnet32x4", "wrn_40_2"): {"T": 3.0},
+        ("wrn_40_2", "MobileNetV2"): {"T": 3.0}}
 
     def __init__(self, student_shapes, teacher_shapes, T, logit_stand):
         super().__init__(student_shapes, teacher_shapes)

@@ -216,3 +216,10 @@ def test_training_batches_carry_indices_and_other_class_negatives():
         again.add_negatives(50)
         return torch.cat([i for _, _, i, _, _ in again])
     assert torch.equal(negatives(3), negatives(3)) and not torch.equal(negatives(3), negatives(4))
+
+
+def test_normalisation_is_the_recipes_sources():
+    """CIFAR-100 as RepDistiller normalises it (dataset/cifar100.py L57, L61; mdistiller's L123, L134), the
+    constants the community's CIFAR-100 teachers were trained with; CIFAR-10 as the seed zoo's train_base.py."""
+    assert (DATASETS["cifar100"].mean, DATASETS["cifar100"].std) == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+    assert (DATASETS["cifar10"].mean, DATASETS["cifar10"].std) == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))

@@ -87,7 +87,11 @@ def test_published_numbers_come_from_the_csv():
     assert c100[("dist", "resnet8x4", "resnet32x4")] == (None, 76.31)
     assert c100[("reviewkd", "resnet8x4", "resnet32x4")] == (None, 75.63)
     assert c100[("dkd+ls", "resnet8x4", "resnet32x4")] == (None, 77.01)
-    assert (len(c10), len(c100)) == (23, 266)
+    # the logit standardisation README's four pairs outside RepDistiller's table, KD to MLKD+LS
+    assert c100[("st+ls", "wrn_16_2", "resnet32x4")] == (None, 75.26)
+    assert c100[("mlkd+ls", "MobileNetV2", "wrn_40_2")] == (None, 71.61)
+    assert c100[("dkd", "resnet8x4", "wrn_40_2")] == (None, 75.56)
+    assert (len(c10), len(c100)) == (23, 298)
 
 
 def test_published_csv_rejects_an_unknown_source_and_a_duplicate(tmp_path):

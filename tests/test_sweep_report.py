@@ -301,3 +301,21 @@ def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_ro
     with open(os.path.join(out, "args.json"), "w") as f:
         f.write("{")
     assert state()[0] == "differs" and "cannot be read" in state()[1]
+
+
+def test_report_labels_the_recipe_a_row_used(tmp_path):
+    """A MobileNetV2 baseline at the CIFAR-100 recipe's LR for it (0.01) is the plain baseline; an MLKD run
+    with its official recipe says so and is comparable with MLKD's published number; one at the recipe's LR
+    is labelled with it, and is not."""
+    recipe = {"lr_milestones": [150, 180, 210], "batch_size": 64, "momentum": 0.9, "nesterov": False,
+              "weight_decay": 5e-4, "padding": "zeros"}
+    fake_run(tmp_path, "mv2", "cifar100", "baseline", "MobileNetV2", 0, [60] * 240, settings={**recipe, "lr": 0.01})
+    for name, lr in (("mlkd", 0.025), ("mlkd-lr", 0.05)):
+        fake_run(tmp_path, name, "cifar100", "mlkd", "resnet8x4", 0, [77] * 240, teacher="resnet32x4",
+                 settings={**recipe, "lr": lr}, kd_weight=0.9, ce_weight=0.1, T=4.0, logit_stand=False)
+    table = {row["label"]: row for row in report.summarise(report.read_runs(str(tmp_path)))}
+    assert set(table) == {"baseline", "mlkd (official recipe: lr 0.025)", "mlkd (lr 0.05)"}
+    assert table["baseline"]["comparable"] and table["baseline"]["published"] == (None, 64.6)
+    official = table["mlkd (official recipe: lr 0.025)"]
+    assert official["comparable"] and official["published"] == (None, 77.08)
+    assert not table["mlkd (lr 0.05)"]["comparable"]
