@@ -38,7 +38,7 @@ import config
 import data
 from kd_losses import METHODS
 from models import MODELS
-from utils import LOCK_FILE, HelpFormatter, UserError, claimed_output_dir, non_negative, run_main, seed_value
+from utils import LOCK_FILE, HelpFormatter, UserError, claimed_output_dir, holds_run, non_negative, run_main, seed_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,16 +116,12 @@ def jobs(args, root):
 def requested_identity(command, out, data_sha256):
     """The identity (config.run_identity) of the run that `command` starts in `out`: its config resolved
     as the script resolves it, quietly (the script prints its notes itself)."""
-    script, argv = command[0], [*command[1:], "--output-dir", out]
-    parser = config.get_args_parser("base" if script == "train_base.py" else "kd")
-    parser.prog = script
+    kind = "base" if command[0] == "train_base.py" else "kd"
+    parser = config.get_args_parser(kind)
+    parser.prog = command[0]  # for argparse's messages
     with contextlib.redirect_stdout(io.StringIO()):
-        cfg, _ = config.resolve(parser.parse_args(argv), "base" if script == "train_base.py" else "kd")
+        cfg, _ = config.resolve(parser.parse_args([*command[1:], "--output-dir", out]), kind)
     return json.loads(json.dumps(config.run_identity(vars(config.with_data(cfg, data_sha256, None)))))
-
-
-def holds_run(out):
-    return any(os.path.exists(os.path.join(out, name)) for name in ("last.pt", "metrics.csv"))
 
 
 def saved_state(out, requested):

@@ -192,8 +192,7 @@ def claimed_output_dir(path, resuming=False):
     make_writable_folder(path)
     lock = lock_folder(path)
     try:
-        holds_run = any(os.path.exists(os.path.join(path, name)) for name in ("last.pt", "metrics.csv"))
-        if holds_run and not resuming:
+        if holds_run(path) and not resuming:
             raise UserError(f"{path} already holds a run; resume it with --resume auto, or choose another "
                             f"--output-dir.")
         remove_stale_temporaries(path)
@@ -203,6 +202,11 @@ def claimed_output_dir(path, resuming=False):
         lock.close()
         if created and not os.listdir(path):
             os.rmdir(path)
+
+
+def holds_run(path):
+    """True when the folder holds a run (an epoch was saved), not just its args.json."""
+    return any(os.path.exists(os.path.join(path, name)) for name in ("last.pt", "metrics.csv"))
 
 
 def lock_folder(path):
