@@ -225,15 +225,17 @@ def resolve(args, script):
             f"{values['method']}-{values['teacher_arch']}-to-{values['model']}"
         values["output_dir"] = os.path.join("runs", f"{values['dataset']}-{models}-seed{values['seed']}")
     resume = find_resume(values["resume"], values["output_dir"], script)
+    official = {}
     if resume:
         values = adopt_saved(values, typed, *resume)
     else:
-        official = METHODS[values["method"]].official_recipe(values["dataset"], values["teacher_arch"], values["model"],
-                                                             bool(typed.get("logit_stand"))) if script == "kd" else {}
-        recipe = recipe_values(values["dataset"], typed, values["model"], official)
-        values.update(recipe)
-        log("recipe: " + ", ".join(f"{key.replace('_', ' ')} {value}" + recipe_source(key, typed, official, values)
-                                   for key, value in recipe.items()))
+        if script == "kd":
+            official = METHODS[values["method"]].official_recipe(values["dataset"], values["teacher_arch"],
+                                                                 values["model"], bool(typed.get("logit_stand")))
+        values.update(recipe_values(values["dataset"], typed, values["model"], official))
+    log(("recipe (the resumed run's): " if resume else "recipe: ") + ", ".join(
+        f"{key.replace('_', ' ')} {values[key]}" + ("" if resume else recipe_source(key, typed, official, values))
+        for key in RECIPES[values["dataset"]]))
     late = [m for m in values["lr_milestones"] if m >= values["epochs"]]
     if late:
         log(f"note: the LR milestone(s) {late} are at or past the last epoch ({values['epochs']}), so they never "
@@ -329,7 +331,7 @@ def recipe_values(dataset, typed, model, official=None, quiet=False):
 
 
 def recipe_source(key, typed, official, values):
-    """Where a recipe setting comes from, for the log: '' for the data set's recipe."""
+    """Where a new run's recipe setting comes from, for the log: '' for the data set's recipe."""
     if key in typed:
         return " (given)"
     if key in official:

@@ -59,8 +59,8 @@ def main(argv=None):
     device, _, _ = setup_device(args.device)
     train_x, train_y, test_x, test_y = load_cifar(dataset, args.data_root)
     spec = DATASETS[dataset]
-    loader = DeviceLoader(test_x.to(device), test_y.to(device), args.batch_size or run.get("batch_size", DEFAULT_BATCH_SIZE),
-                          spec.mean, spec.std, train=False)
+    batch_size = args.batch_size or run.get("batch_size", DEFAULT_BATCH_SIZE)
+    loader = DeviceLoader(test_x.to(device), test_y.to(device), batch_size, spec.mean, spec.std, train=False)
     result = evaluate(load_predictor(path, device), loader, amp == "bf16")
     print(f"{path} on the {len(test_y):,} {spec.title} test images in {args.data_root}: top-1 {result['top1']:.2f} %, "
           f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")

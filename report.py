@@ -9,12 +9,13 @@ runs of one identity (config.run_identity: every setting that changes results, t
 teacher's contents included) over their seeds, so runs made with other settings never share a row.
 A row is labelled with its method ('baseline' for train_base.py) and whatever differs from the
 method's and the recipe's defaults, e.g. 'rkd (kd weight 0.1)' or 'baseline (lr 0.02)'; rows that
-would still read alike add the settings in which they differ (e.g. 'data 3f2a9c01d4e5'). Two runs of one
-identity and seed are duplicates: the first folder's is reported, and the others are listed under
-the table. Each row gives, over its seeds: the last-epoch test top-1, the best-epoch test top-1 (the epoch chosen on the validation split when one was held out,
-else on the test set itself, and the column says which), the gain of the last-epoch mean over the
-same model's baseline, the published number where there is one (marked as not comparable for runs
-shorter than their data set's recipe, and for a labelled variant), and the mean wall time per run.
+would still read alike add the settings in which they differ (e.g. 'data 3f2a9c01d4e5'). Two runs
+of one identity and seed are duplicates: the first folder's is reported, and the others are listed
+under the table. Each row gives, over its seeds: the last-epoch test top-1, the best-epoch test
+top-1 (the epoch chosen on the validation split when one was held out, else on the test set
+itself, and the column says which), the gain of the last-epoch mean over the baseline with the same
+settings, the published number where there is one (marked as not comparable unless the row has the
+settings it was trained with, for at least as many epochs), and the mean wall time per run.
 Standard deviations are sample ones (n - 1).
 Plots (test top-1 and training loss per epoch, mean over seeds, one line per row) need matplotlib.
 """
@@ -99,7 +100,8 @@ def defaults_for(args):
         defaults.update(kd_weight=default_weight(method, dataset), ce_weight=METHODS[method].default_ce_weight,
                         **default_hyperparameters(method, args.get("teacher_arch"), args["model"]))
         if args.get("logit_stand"):
-            defaults.update(logit_stand=True, **METHODS[method].logit_stand_defaults(args["teacher_arch"], args["model"]))
+            defaults.update(logit_stand=True,
+                            **METHODS[method].logit_stand_defaults(args["teacher_arch"], args["model"]))
     return defaults
 
 
@@ -189,21 +191,21 @@ def summarise(runs):
     and seed is a duplicate: left out of the row and listed in its 'duplicates'."""
     groups = defaultdict(list)
     for run in runs:
-        groups[json.dumps(run["identity"], sort_keys=True)].append(run)
+        groups[identity_key(run["identity"])].append(run)
     labels = distinct_labels(groups)
-    baselines = {json.dumps(group[0]["identity"], sort_keys=True): mean_std([r["last"] for r in unique(group)[0]])[0]
-                 for group in groups.values() if group[0]["method"] == "baseline"}
+    baselines = {key: mean_std([r["last"] for r in unique(group)[0]])[0]
+                 for key, group in groups.items() if group[0]["method"] == "baseline"}
     table = []
     order = sorted(groups, key=lambda key: (groups[key][0]["dataset"], groups[key][0]["epochs"],
                                             groups[key][0]["method"] != "baseline", labels[key]))
     for key in order:
         group, duplicates = unique(groups[key])
         first = group[0]
-        dataset, epochs, method, model, teacher = (first[k] for k in ("dataset", "epochs", "method", "model", "teacher"))
+        dataset, epochs, method, model, teacher = (first[k] for k in
+                                                   ("dataset", "epochs", "method", "model", "teacher"))
         changed = first["variant"]
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
-        base = baselines.get(json.dumps({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS},
-                                        sort_keys=True))
+        base = baselines.get(identity_key({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS}))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
                       "model": model, "teacher": teacher, "runs": group, "comparable": first["comparable"],
@@ -213,6 +215,11 @@ def summarise(runs):
                       "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
                       "incomplete": sum(not r["complete"] for r in group), "duplicates": duplicates})
     return table
+
+
+def identity_key(identity):
+    """An identity (without the seed) as a dict key."""
+    return json.dumps(identity, sort_keys=True)
 
 
 def unique(group):

@@ -138,9 +138,9 @@ def saved_state(out, requested):
     except (OSError, ValueError) as e:
         return "differs", f"its args.json or metrics.csv cannot be read ({type(e).__name__})"
     if saved != requested:
-        return "differs", "; ".join(f"{key.replace('_', ' ')} {shown(saved.get(key))} there, {shown(requested.get(key))} "
-                                    f"now" for key in sorted(set(saved) | set(requested))
-                                    if saved.get(key) != requested.get(key))
+        differing = [key for key in sorted(set(saved) | set(requested)) if saved.get(key) != requested.get(key)]
+        return "differs", "; ".join(f"{key.replace('_', ' ')} {shown(saved.get(key))} there, "
+                                    f"{shown(requested.get(key))} now" for key in differing)
     complete = rows >= requested["epochs"] and os.path.exists(os.path.join(out, "last.pt"))
     return ("complete" if complete else "resume"), None
 
@@ -184,7 +184,8 @@ class Runner:
         with self.lock:
             if self.signum is not None:
                 return None
-            print(f"{'resume' if resume else 'run   '} {out}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            print(f"{'resume' if resume else 'run   '} {out}{where}", flush=True)
             with open(os.path.join(out, "log.txt"), "a") as log:
                 # a session of its own: a Ctrl-C in the terminal reaches the sweep, which passes it on once
                 child = subprocess.Popen([sys.executable, os.path.join(HERE, command[0]), *command[1:], "--output-dir",

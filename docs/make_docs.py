@@ -272,7 +272,8 @@ def pair_settings_table():
 def official_recipe_table():
     """The recipe each method with its own takes on CIFAR-100 on the pairs with published numbers
     (KDMethod.official_recipe)."""
-    pairs = first_seen((r["teacher"], r["student"]) for r in published_rows() if r["dataset"] == "cifar100" and r["teacher"])
+    pairs = first_seen((r["teacher"], r["student"]) for r in published_rows()
+                       if r["dataset"] == "cifar100" and r["teacher"])
     lines = ["| method | pairs | recipe |", "|---|---|---|"]
     for name, cls in METHODS.items():
         for logit_stand in (False, True) if "logit_stand" in cls.hyperparameters else (False,):
@@ -314,9 +315,10 @@ def render():
               "from hunto/DIST_KD's README, CTKD (with plain KD) from its README, SimKD (factor 2) from its "
               "README, ReviewKD from its paper's table as quoted in the README of "
               "WangYZ1608/Knowledge-Distillation-via-ND, MLKD and the logit-standardised `st+ls`, `dkd+ls`, "
-              "`ctkd+ls` and `mlkd+ls` from sunshangquan/logit-standardization-KD's README (`report.py` labels a `--logit-stand` run "
-              "METHOD+ls), which also gives `st`, `ctkd`, `dkd` and `mlkd` on four pairs outside RepDistiller's table "
-              "(resnet32x4 → wrn_16_2 and wrn_40_2, wrn_40_2 → resnet8x4 and MobileNetV2); `dml`: the seed zoo's "
+              "`ctkd+ls` and `mlkd+ls` from sunshangquan/logit-standardization-KD's README (`report.py` labels a "
+              "`--logit-stand` run METHOD+ls), which also gives `st`, `ctkd`, `dkd` and `mlkd` on four pairs "
+              "outside RepDistiller's table (resnet32x4 → wrn_16_2 and wrn_40_2, wrn_40_2 → resnet8x4 and "
+              "MobileNetV2); `dml`: the seed zoo's "
               "ResNet-20 trained beside a ResNet-110).", "",
               f"The seed zoo's pair, {teacher} teacher and {student} student:", ""]
     parts += pair_table(rows) + [""]

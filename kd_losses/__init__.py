@@ -26,7 +26,8 @@ def default_hyperparameters(name, teacher=None, student=None):
     """The method's hyper-parameters unless given: their defaults, with the official settings for the pair
     (teacher, student) where they differ (settings_by_pair)."""
     cls = METHODS[name]
-    return {**{key: spec[0] for key, spec in cls.hyperparameters.items()}, **cls.settings_by_pair.get((teacher, student), {})}
+    defaults = {key: spec[0] for key, spec in cls.hyperparameters.items()}
+    return {**defaults, **cls.settings_by_pair.get((teacher, student), {})}
 
 
 def default_weight(name, dataset):
