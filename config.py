@@ -48,6 +48,7 @@ DEFAULTS = dict(
     lr_gamma=0.1,            # LR factor at each milestone
     seed=0,
     val_split=0,             # training images held out to choose the best epoch; 0: chosen on the test set
+    val_file=None,           # a CIFAR batch file of validation images (instead of --val-split)
     data_root="./dataset",
     output_dir=None,         # None: runs/<data set>-<model(s)>-seed<seed>
     device="auto",           # auto: CUDA when available, else the CPU
@@ -68,7 +69,7 @@ DEFAULTS = dict(
 # settings that say where a run lives or how fast it goes, not what it computes; a run's identity
 # (run_identity) is every other setting, the data and the teacher entering by their contents
 # (data_sha256, teacher_sha256) rather than by their paths
-NOT_IN_IDENTITY = ("device", "data_root", "output_dir", "resume", "teacher", "channels_last", "compile",
+NOT_IN_IDENTITY = ("device", "data_root", "val_file", "output_dir", "resume", "teacher", "channels_last", "compile",
                    "deterministic", "stage_cache", "teacher_cache", "teacher_cache_dir")
 # flags that may differ from the run being resumed: those, how long it trains, and its precision (a
 # run may move between a CPU and a GPU)
@@ -132,6 +133,10 @@ def get_args_parser(script):
     parser.add_argument("--val-split", type=non_negative(int),
                         help="training images held out (class-balanced) to choose the best epoch; "
                              "0 chooses it on the test set (default: 0)")
+    parser.add_argument("--val-file", metavar="FILE",
+                        help="a batch file in the data set's official python format (a dict of uint8 'data', "
+                             "N x 3072, and 'labels', or 'fine_labels' for CIFAR-100) holding validation images "
+                             "that are neither training nor test images: the best epoch is chosen on them")
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
                                             "(default: ./dataset)")
     parser.add_argument("--output-dir", help="where the run's files go (default: a folder under runs/ "
@@ -236,6 +241,10 @@ def resolve(args, script):
     log(("recipe (the resumed run's): " if resume else "recipe: ") + ", ".join(
         f"{key.replace('_', ' ')} {values[key]}" + ("" if resume else recipe_source(key, typed, official, values))
         for key in RECIPES[values["dataset"]]))
+    if values["val_file"] and values["val_split"]:
+        raise UserError("--val-file and --val-split both name validation images; give one of them.")
+    if values["val_file"] and not os.path.isfile(values["val_file"]):
+        raise UserError(f"--val-file {values['val_file']} does not exist.")
     late = [m for m in values["lr_milestones"] if m >= values["epochs"]]
     if late:
         log(f"note: the LR milestone(s) {late} are at or past the last epoch ({values['epochs']}), so they never "
@@ -270,9 +279,9 @@ def with_data(cfg, data_sha256, resume):
         log(f"note: the run in {resume[1]} was saved before runs recorded their data, so this resume cannot "
             f"check that {cfg.data_root} holds the same images")
     elif saved is not None and saved != data_sha256:
-        raise UserError(f"The data in {cfg.data_root} is not the data the run in {resume[1]} was trained on (its "
-                        f"images or labels differ); resume it on that data, or start a new run in another "
-                        f"--output-dir.")
+        raise UserError(f"The data in {cfg.data_root}{' and ' + cfg.val_file if cfg.val_file else ''} is not the "
+                        f"data the run in {resume[1]} was trained on (its training, test or validation images or "
+                        f"labels differ); resume it on that data, or start a new run in another --output-dir.")
     return Config(**{**vars(cfg), "data_sha256": data_sha256})
 
 

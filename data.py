@@ -116,13 +116,36 @@ def load_cifar(name, root, download=True):
     return train_x, train_y, test_x, test_y
 
 
-def data_sha256(train_x, train_y, test_x, test_y):
-    """sha256 over the arrays as loaded (load_cifar): the data's identity, whatever folder or pickle
-    protocol holds it. A run records it, and a resume on other data is refused (config.with_data)."""
+def data_sha256(*arrays):
+    """sha256 over the arrays as loaded: the training and test images and labels (load_cifar), then the
+    validation file's (load_val_file) when a run has one. The data's identity, whatever folder or
+    pickle protocol holds it. A run records it, and a resume on other data is refused (config.with_data)."""
     digest = hashlib.sha256()
-    for array in (train_x, train_y, test_x, test_y):
+    for array in arrays:
         digest.update(array.contiguous().numpy())
     return digest.hexdigest()
+
+
+def load_val_file(name, path):
+    """(images, labels) of a --val-file: one batch file in the data set's official python format."""
+    spec = DATASETS[name]
+    return _read_batch(path, spec.label_key, spec.num_classes)
+
+
+def images_in(images, others):
+    """How many of `images` (uint8 N x 3 x 32 x 32) also appear, pixel for pixel, among `others`."""
+    weights = torch.randint(1, 2 ** 62, (3 * 32 * 32,), generator=torch.Generator().manual_seed(0))
+
+    def hashes(x):  # int64 arithmetic wraps: a 64-bit hash of each image's bytes, in chunks to bound memory
+        return torch.cat([(chunk.reshape(len(chunk), -1).long() * weights).sum(1) for chunk in x.split(4096)])
+    if len(images) == 0 or len(others) == 0:
+        return 0
+    candidates = torch.isin(hashes(images), hashes(others)).nonzero().flatten()
+    if len(candidates) == 0:
+        return 0
+    flat_others = {bytes(row.numpy()) for row in others.reshape(len(others), -1)[
+        torch.isin(hashes(others), hashes(images[candidates]))]}
+    return sum(bytes(images[i].reshape(-1).numpy()) in flat_others for i in candidates.tolist())
 
 
 def training_files_sha256(name, root):
@@ -319,7 +342,15 @@ def make_loaders(cfg, device, rank=0, world_size=1):
     train_x, train_y, test_x, test_y = load_cifar(cfg.dataset, cfg.data_root)
     sha256 = data_sha256(train_x, train_y, test_x, test_y)
     keep = torch.arange(len(train_y))
-    if cfg.val_split:
+    if cfg.val_file:
+        val_x, val_y = load_val_file(cfg.dataset, cfg.val_file)
+        for images, which in ((train_x, "training"), (test_x, "test")):
+            shared = images_in(val_x, images)
+            if shared:  # a best epoch chosen on them would be chosen on the images trained on or reported
+                raise UserError(f"{shared} of the {len(val_x)} images in --val-file {cfg.val_file} are also "
+                                f"{which} images in {cfg.data_root}; validation images must be neither.")
+        sha256 = data_sha256(train_x, train_y, test_x, test_y, val_x, val_y)
+    elif cfg.val_split:
         keep, held_out = class_balanced_split(train_y, cfg.val_split, cfg.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
@@ -328,8 +359,10 @@ def make_loaders(cfg, device, rank=0, world_size=1):
     loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed,
                                      padding=cfg.padding, positions=keep.to(device), **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
-    if cfg.val_split:
+    if cfg.val_file or cfg.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)
-    log(f"{spec.title} from {cfg.data_root}: {len(train_y)} training, "
-        f"{cfg.val_split} validation and {len(test_y)} test images on {device}")
+    validation = f"{len(val_y)} validation (from {cfg.val_file})" if cfg.val_file else \
+        f"{cfg.val_split} validation"
+    log(f"{spec.title} from {cfg.data_root}: {len(train_y)} training, {validation} and {len(test_y)} test "
+        f"images on {device}")
     return loaders, spec.num_classes, sha256

@@ -11,9 +11,10 @@ as the run did (its batch size and precision), so the numbers equal the ones the
 that epoch, which are printed beside them.
 """
 import argparse
+import os
 
 import config
-from data import DATASETS, DeviceLoader, data_sha256, load_cifar
+from data import DATASETS, DeviceLoader, data_sha256, load_cifar, load_val_file
 from engine import evaluate, load_predictor, setup_device
 from engine.checkpoint import import_teacher, load_checkpoint
 from models import MODELS
@@ -68,7 +69,12 @@ def main(argv=None):
         row = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
         print(f"recorded by the run after epoch {ckpt['epoch']}: top-1 {ckpt['test_top1']:.2f} %, top-5 "
               f"{ckpt['test_top5']:.2f} %" + (f", loss {row['test_loss']:.4f}" if "test_loss" in row else ""))
-    if run.get("data_sha256") not in (None, data_sha256(train_x, train_y, test_x, test_y)):
+    val_file = run.get("val_file")
+    if val_file and not os.path.isfile(val_file):
+        print(f"note: the run's --val-file {val_file} is not there, so its data cannot be compared with "
+              f"{args.data_root}'s")
+    elif run.get("data_sha256") not in (None, data_sha256(train_x, train_y, test_x, test_y,
+                                                          *(load_val_file(dataset, val_file) if val_file else ()))):
         print(f"note: the run was trained and evaluated on other data than {args.data_root} holds")
 
 

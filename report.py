@@ -16,18 +16,28 @@ top-1 (the epoch chosen on the validation split when one was held out, else on t
 itself, and the column says which), the gain of the last-epoch mean over the baseline with the same
 settings, the published number where there is one (marked as not comparable unless the row has the
 settings it was trained with, for at least as many epochs), and the mean wall time per run.
-Standard deviations are sample ones (n - 1).
-Plots (test top-1 and training loss per epoch, mean over seeds, one line per row) need matplotlib.
+Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
+sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
+counted in its row's note.
+When RUNS holds sweep.py's tuning.json (sweep.py --tune), a second table gives each method's tuning
+runs (validation top-1, and test top-1 for comparison only), the weight chosen on the validation
+images, and how well the validation images' ranking agrees with the test images'; the chosen
+weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear there only.
+Plots (need matplotlib): gains.png, each method's gain over the baseline with its standard error,
+sorted; test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows
+with the best last-epoch top-1.
 """
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
 from collections import defaultdict
 
 from config import DEFAULTS, KD_ONLY, RECIPES, recipe_values, run_identity
+from engine import DIVERGED
 from kd_losses import METHODS, default_hyperparameters, default_weight
 
 # Published test top-1 (%), from docs/published.csv (the seed zoo's README: ResNet-110 -> ResNet-20, single runs;
@@ -157,6 +167,10 @@ def read_runs(root):
             changed, published_setting = variant(args), comparable(args)
             identity = {k: v for k, v in run_identity(args).items() if k != "seed"}
             seed, epochs, model = args["seed"], args["epochs"], args["model"]
+            diverged = None
+            if os.path.exists(os.path.join(folder, DIVERGED)):
+                with open(os.path.join(folder, DIVERGED)) as f:
+                    diverged = json.load(f)["epoch"]
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             print(f"note: {folder} is left out: its args.json or metrics.csv cannot be read ({type(e).__name__}: {e})",
                   file=sys.stderr)
@@ -168,6 +182,8 @@ def read_runs(root):
         # a logit-standardised run is its own method in the table and in the published numbers
         method = args.get("method", "baseline") + ("+ls" if args.get("logit_stand") else "")
         runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
+                     "kd_method": args.get("method"), "kd_weight": args.get("kd_weight"), "diverged": diverged,
+                     "val_top1": rows[-1].get("val_top1"),
                      "comparable": published_setting,
                      "label": f"{method} ({changed})" if changed else method, "epochs": epochs,
                      "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
@@ -192,8 +208,9 @@ def summarise(runs):
     groups = defaultdict(list)
     for run in runs:
         groups[identity_key(run["identity"])].append(run)
+    groups = {key: group for key, group in groups.items() if any(r.get("role") != "grid" for r in group)}
     labels = distinct_labels(groups)
-    baselines = {key: mean_std([r["last"] for r in unique(group)[0]])[0]
+    baselines = {key: [r["last"] for r in unique(group)[0]]
                  for key, group in groups.items() if group[0]["method"] == "baseline"}
     table = []
     order = sorted(groups, key=lambda key: (groups[key][0]["dataset"], groups[key][0]["epochs"],
@@ -206,15 +223,24 @@ def summarise(runs):
         changed = first["variant"]
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
         base = baselines.get(identity_key({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS}))
+        gain = None if base is None or method == "baseline" else \
+            (last[0] - statistics.fmean(base), standard_error([r["last"] for r in group], base))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
                       "model": model, "teacher": teacher, "runs": group, "comparable": first["comparable"],
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
-                      "gain": None if base is None or method == "baseline" else last[0] - base,
+                      "gain": gain, "diverged": sum(r["diverged"] is not None for r in group),
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
                       "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
                       "incomplete": sum(not r["complete"] for r in group), "duplicates": duplicates})
     return table
+
+
+def standard_error(values, baseline):
+    """The standard error of mean(values) - mean(baseline); None unless both have two values or more."""
+    if len(values) < 2 or len(baseline) < 2:
+        return None
+    return math.sqrt(statistics.variance(values) / len(values) + statistics.variance(baseline) / len(baseline))
 
 
 def identity_key(identity):
@@ -253,8 +279,108 @@ def distinct_labels(groups):
     return labels
 
 
+def read_tuning(root):
+    """sweep.py's tuning.json in root, or None."""
+    path = os.path.join(root, "tuning.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def apply_tuning(runs, tuning):
+    """Marks each run of a tuned method (same identity but the KD weight) with its role: 'default',
+    'tuned' (the chosen weight, when not the default; labelled so) or 'grid' (a weight not chosen)."""
+    for run in runs:
+        entry = tuning["methods"].get(run["kd_method"])
+        if entry is None or entry["identity"] != {k: v for k, v in run["identity"].items() if k != "kd_weight"}:
+            continue
+        run["role"] = "default" if run["kd_weight"] == entry["default"] else \
+            "tuned" if run["kd_weight"] == entry["chosen"] else "grid"
+        if run["role"] == "tuned":
+            run["variant"] = ", ".join(filter(None, [run["variant"], "tuned"]))
+            run["label"] = f"{run['method']} ({run['variant']})"
+
+
+def tuning_rows(runs, tuning, root):
+    """Per tuned method: (method, default, chosen, [(weight, validation top-1 or None, test top-1 or None)])."""
+    by_folder = {os.path.normpath(run["folder"]): run for run in runs}
+    rows = []
+    for method, entry in sorted(tuning["methods"].items()):
+        tried = []
+        for item in entry["runs"]:
+            run = by_folder.get(os.path.normpath(os.path.join(root, item["folder"])))
+            test = None if run is None or run["diverged"] is not None else run["last"]
+            tried.append((item["kd_weight"], item["val_top1"], test))
+        rows.append((method, entry["default"], entry["chosen"], sorted(tried)))
+    return rows
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation (ties get their mean rank); None for fewer than 2 pairs or a constant."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        rank = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                rank[order[k]] = (i + j) / 2
+            i = j + 1
+        return rank
+    if len(xs) < 2:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    if len(set(rx)) < 2 or len(set(ry)) < 2:
+        return None
+    return statistics.correlation(rx, ry)
+
+
+def tuning_markdown(rows, tuning):
+    lines = [f"KD weights tuned on validation images: each method trained at its default weight and around it on "
+             f"seed {tuning['seed']}; the weight with the best {tuning['selected_on']} was chosen (**bold**) and "
+             f"trained on every seed. Test top-1 (last epoch) of the same runs is shown for comparison only: it "
+             f"chose nothing.", "",
+             "| method | default weight | weight: validation top-1 (test top-1) | chosen |", "|---|---|---|---|"]
+    agree, complete, rhos, pooled = 0, 0, [], []
+    for method, default, chosen, tried in rows:
+        cells = []
+        for weight, val, test in tried:
+            score = "diverged" if val is None else f"{val:.2f} ({'–' if test is None else f'{test:.2f}'})"
+            cells.append(f"**{weight:g}**: {score}" if weight == chosen else f"{weight:g}: {score}")
+        lines.append(f"| {method} | {default:g} | {' · '.join(cells)} | "
+                     f"{'none (every run diverged)' if chosen is None else f'{chosen:g}'} |")
+        scored = [(val, test) for _, val, test in tried if val is not None and test is not None]
+        if chosen is None or len(scored) < len(tried):  # a diverged or missing run: no ranking to compare
+            continue
+        complete += 1
+        agree += max(test for _, test in scored) == next(test for w, _, test in tried if w == chosen)
+        rho = spearman(*zip(*scored))
+        if rho is not None:
+            rhos.append(rho)
+        pooled += scored
+    if complete:
+        text = (f"Validation against test: the weight chosen on the validation images is also the best on the "
+                f"test images for {agree} of {complete} methods (those whose every tuning run finished)")
+        if rhos:
+            text += (f"; Spearman's rank correlation of validation and test top-1 within a method's runs, "
+                     f"averaged over {len(rhos)} methods: {statistics.fmean(rhos):.2f}")
+        rho = spearman(*zip(*pooled))
+        if rho is not None:
+            text += f"; over all {len(pooled)} of those runs together: {rho:.2f}"
+        lines += ["", text + "."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table):
-    lines = ["| data set | epochs | method | student | teacher | seeds | last-epoch top-1 | best-epoch top-1 "
+    chosen_on = {row["selected_on"] for row in table}
+    lines = ["Best epochs were chosen on " + ("the validation images (val); the test images chose nothing."
+                                            if chosen_on == {"val"} else
+                                            "the test images where the column says (test): those best-epoch "
+                                            "numbers are optimistic; the others on validation images (val)."), "",
+             "| data set | epochs | method | student | teacher | seeds | last-epoch top-1 | best-epoch top-1 "
              "(chosen on) | gain over baseline | published (seed zoo / CRD benchmark) | wall time per run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
@@ -266,8 +392,10 @@ def markdown(table):
         if published and not row["comparable"]:
             published += " (not comparable)"
         note = f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""
+        note += f" ({row['diverged']} diverged)" if row.get("diverged") else ""
         note += f" ({len(row['duplicates'])} duplicate left out)" if row.get("duplicates") else ""
-        gain = "–" if row["gain"] is None else f"{row['gain']:+.2f}"
+        gain = "–" if row["gain"] is None else f"{row['gain'][0]:+.2f}" + \
+            ("" if row["gain"][1] is None else f" ± {row['gain'][1]:.2f}")
         lines.append(
             f"| {row['dataset']} | {row['epochs']} | {row['label']} | {row['model']} | {row['teacher'] or '–'} | "
             f"{','.join(map(str, row['seeds']))}{note} | {fmt(*row['last'])} | {fmt(*row['best'])} "
@@ -280,16 +408,34 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
-def plot(table, folder):
-    """Writes test_top1.png and train_loss.png; returns their paths."""
+def plot(table, folder, curves=6):
+    """Writes gains.png (when a row has a gain) and test_top1.png and train_loss.png (the baseline and
+    the `curves` rows with the best last-epoch top-1); returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
+    gains = sorted((row for row in table if row["gain"] is not None), key=lambda row: row["gain"][0])
+    if gains:
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(gains)))
+        ax.errorbar([row["gain"][0] for row in gains], range(len(gains)),
+                    xerr=[row["gain"][1] or 0 for row in gains], fmt="none", ecolor="grey", capsize=3)
+        ax.scatter([row["gain"][0] for row in gains], range(len(gains)), zorder=3,
+                   c=["tab:green" if row["gain"][0] > 0 else "tab:red" for row in gains],
+                   marker="o", s=[36 if "tuned" in row["variant"] else 24 for row in gains])
+        ax.set_yticks(range(len(gains)), [f"{row['label']} ({len(row['seeds'])} seeds)" for row in gains], fontsize=8)
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_xlabel("gain over the baseline, last-epoch test top-1 (points), ± standard error")
+        ax.grid(axis="x", alpha=0.3)
+        paths.append(os.path.join(folder, "gains.png"))
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    shown = [row for row in table if row["method"] == "baseline"] + sorted(
+        (row for row in table if row["method"] != "baseline"), key=lambda row: -row["last"][0])[:curves]
     for key, label in (("test_top1", "test top-1 (%)"), ("train_loss", "training loss")):
         fig, ax = plt.subplots(figsize=(9, 6))
-        colours = plt.get_cmap("tab20").colors  # distinct for up to 20 lines, where the default cycle has 10
-        for i, row in enumerate(table):
+        colours = plt.get_cmap("tab10").colors
+        for i, row in enumerate(shown):
             epochs = min(len(r["rows"]) for r in row["runs"])
             curve = [statistics.fmean(r["rows"][e][key] for r in row["runs"]) for e in range(epochs)]
             # the baseline stands out; a method's variant (another weight) is dashed
@@ -316,8 +462,13 @@ def main():
     runs = read_runs(args.runs)
     if not runs:
         sys.exit(f"error: no runs (folders with args.json and metrics.csv) below {args.runs}.")
+    tuning = read_tuning(args.runs)
+    if tuning:
+        apply_tuning(runs, tuning)
     table = summarise(runs)
     text = markdown(table)
+    if tuning:
+        text += "\n" + tuning_markdown(tuning_rows(runs, tuning, args.runs), tuning)
     output = args.output or os.path.join(args.runs, "report.md")
     with open(output, "w") as f:
         f.write(text)

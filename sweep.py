@@ -3,27 +3,41 @@
     python sweep.py --dataset cifar10 --teacher resnet110 --student resnet20 --seeds 0 1 2
     python sweep.py --data-root ../data --methods st at --seeds 0 1 -- --epochs 30 --val-split 5000
     python sweep.py --methods st rkd --teacher-cache on --teacher-checkpoint teacher.pt -- --epochs 30
+    python sweep.py --methods rkd at --tune 0.1 1 10 --jobs 2 -- --epochs 15 --val-file val_batch
 
 Everything after `--` goes to train_base.py and train_kd.py (the recipe flags; a flag only
-train_kd.py has, such as --kd-weight, to train_kd.py alone). Every run's settings are resolved as
-the scripts resolve them before anything trains, so a mistyped flag stops the sweep at once. A
+train_kd.py has, such as --kd-weight, to train_kd.py alone, and a method's own flag, such as
+--kdsvd-k, to that method's runs alone). Every run's settings are resolved as the scripts resolve
+them before anything trains, so a mistyped flag stops the sweep at once. A
 run's folder that already holds a run with the same identity (config.run_identity: every setting
 that changes results, the data's and the teacher's contents included) is skipped when it holds all
 its epochs and resumed when not; one made with other settings stops the sweep before it trains
 anything (--rerun trains it again). The sweep locks its output root, and each run its folder, so
 two processes never train one folder; SIGINT and SIGTERM are passed on to the running runs, which
-stop resumable. The teacher trains first (its last.pt teaches, not a best.pt that may have been chosen on the test
-set); the other runs then go one after another on one device, or on several GPUs at once (one run
-per GPU, --gpus). The KD runs that can read the teacher cache go first, those that read the
-teacher's pooled vector before those that read its logits alone, so that the cache the first one
-builds (--teacher-cache) serves all the others; with several GPUs that first run goes alone.
+stop resumable. A run that stopped because its weights or losses became non-finite (it leaves
+diverged.json) is not trained again. The teacher trains first (its last.pt teaches, not a best.pt
+that may have been chosen on the test set); the other runs then go one after another on one
+device, or on several GPUs at once (one run per GPU, --gpus). The KD runs that can read the
+teacher cache go first, those that read the teacher's pooled vector before those that read its
+logits alone, so that the cache the first one builds (--teacher-cache) serves all the others; when
+several runs go at once, that first run goes alone. --jobs N runs N at once per GPU, or on the CPU,
+each with 1/N of its cores (on a 2-core CPU, two single-threaded runs gave 1.11x the runs per hour
+of one run with both threads: docs/results.md).
+
+--tune FACTOR... tunes each method's KD weight on validation images (--val-file or --val-split
+after --, never the test images): on --tune-seed, each method also trains at its default weight
+times each FACTOR (in RUN-kd-weight-W folders); once every such run is done, the weight whose run
+has the best validation top-1 in its last epoch (the one nearest the default on a tie; a run that
+diverged never wins) is chosen, written to OUTPUT_ROOT/tuning.json, and trained on every seed.
 Then: python report.py <output-root>.
 """
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,9 +50,11 @@ import torch
 
 import config
 import data
+from engine import DIVERGED
 from kd_losses import METHODS
 from models import MODELS
-from utils import LOCK_FILE, HelpFormatter, UserError, claimed_output_dir, holds_run, non_negative, run_main, seed_value
+from utils import (LOCK_FILE, HelpFormatter, UserError, claimed_output_dir, holds_run, non_negative, positive, run_main,
+                   seed_value, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,6 +81,13 @@ def get_args_parser():
                         help="train_kd.py's --teacher-cache for the methods that can read the cache (the others "
                              "get auto, which leaves it unused; off: off for all) (default: train_kd.py's auto)")
     parser.add_argument("--teacher-cache-dir", metavar="DIR", help="train_kd.py's --teacher-cache-dir")
+    parser.add_argument("--jobs", type=positive(int), default=1,
+                        help="runs at once per GPU, or on the CPU (each with 1/N of the cores: OMP_NUM_THREADS)")
+    parser.add_argument("--tune", type=positive(float), nargs="+", metavar="FACTOR",
+                        help="tune each method's KD weight over its default times these factors (1 is always "
+                             "tried), on the validation images, and train every seed at the best")
+    parser.add_argument("--tune-seed", type=seed_value, help="the seed of the tuning runs (default: the first of "
+                                                              "--seeds)")
     parser.add_argument("--rerun", action="store_true",
                         help="train again from scratch, deleting it first, every run whose folder holds a run made "
                              "with other settings (without it such a folder stops the sweep before it trains anything)")
@@ -73,17 +96,40 @@ def get_args_parser():
     return parser
 
 
-def base_script_args(script_args):
-    """script_args without the flags that only train_kd.py has (and their values): train_base.py's."""
-    base = set(config.get_args_parser("base")._option_string_actions)
-    kd_only = set(config.get_args_parser("kd")._option_string_actions) - base
+def without_flags(script_args, dropped):
+    """script_args without the flags named in `dropped` (option strings) and their values."""
     kept, keep = [], True
     for token in script_args:
         if token.startswith("--"):
-            keep = token.split("=")[0] not in kd_only
+            keep = token.split("=")[0] not in dropped
         if keep:
             kept.append(token)
     return kept
+
+
+def base_script_args(script_args):
+    """script_args without the flags that only train_kd.py has (and their values): train_base.py's."""
+    base = set(config.get_args_parser("base")._option_string_actions)
+    return without_flags(script_args, set(config.get_args_parser("kd")._option_string_actions) - base)
+
+
+def flag_owners():
+    """{option string: the methods it belongs to} for every method's own flag."""
+    return {option: [name for name, cls in METHODS.items() if action.dest in cls.hyperparameters]
+            for option, action in config.get_args_parser("kd")._option_string_actions.items()
+            if config.is_method_flag(action.dest)}
+
+
+def method_script_args(script_args, method):
+    """script_args for `method`'s runs: without the other methods' own flags."""
+    return without_flags(script_args, {option for option, owners in flag_owners().items() if method not in owners})
+
+
+def refuse_unused_method_flags(script_args, methods):
+    """A method's flag given to a sweep that does not run that method would reach no run."""
+    for option, owners in flag_owners().items():
+        if option in {token.split("=")[0] for token in script_args} and not set(owners) & set(methods):
+            raise UserError(f"{option} belongs to --method {', '.join(owners)}, which this sweep does not run.")
 
 
 def cache_order(methods):
@@ -94,53 +140,149 @@ def cache_order(methods):
     return sorted(methods, key=rank)
 
 
+def kd_job(args, root, method, seed, weight=None):
+    """(folder, command) of one KD run; weight: a --kd-weight other than the method's default."""
+    cache = []
+    if args.teacher_cache:
+        on_refused = args.teacher_cache == "on" and METHODS[method].teacher_cache_refusal()
+        cache += ["--teacher-cache", "auto" if on_refused else args.teacher_cache]
+    if args.teacher_cache_dir:
+        cache += ["--teacher-cache-dir", args.teacher_cache_dir]
+    name = method if weight is None else f"{method}-kd-weight-{weight:g}"
+    return (os.path.join(root, f"{name}-{args.student}-seed{seed}"),
+            ["train_kd.py", "--teacher", args.teacher_checkpoint, "--student", args.student, "--method", method,
+             "--seed", str(seed), "--dataset", args.dataset, "--data-root", args.data_root, *cache,
+             *method_script_args(args.script_args, method),
+             *(["--kd-weight", repr(weight)] if weight is not None else [])])
+
+
 def jobs(args, root):
-    """(folder, command) of every student run of the sweep, the teacher cache's first reader first."""
-    common = ["--dataset", args.dataset, "--data-root", args.data_root]
+    """(folder, command) of every student run at the methods' default weights, the teacher cache's first
+    reader first."""
     for seed in args.seeds:
         for method in cache_order(args.methods):
-            cache = []
-            if args.teacher_cache:
-                on_refused = args.teacher_cache == "on" and METHODS[method].teacher_cache_refusal()
-                cache += ["--teacher-cache", "auto" if on_refused else args.teacher_cache]
-            if args.teacher_cache_dir:
-                cache += ["--teacher-cache-dir", args.teacher_cache_dir]
-            yield (os.path.join(root, f"{method}-{args.student}-seed{seed}"),
-                   ["train_kd.py", "--teacher", args.teacher_checkpoint, "--student", args.student,
-                    "--method", method, "--seed", str(seed), *common, *cache, *args.script_args])
+            yield kd_job(args, root, method, seed)
         yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
-               ["train_base.py", "--model", args.student, "--seed", str(seed), *common,
-                *base_script_args(args.script_args)])
+               ["train_base.py", "--model", args.student, "--seed", str(seed), "--dataset", args.dataset,
+                "--data-root", args.data_root, *base_script_args(args.script_args)])
 
 
-def requested_identity(command, out, data_sha256):
-    """The identity (config.run_identity) of the run that `command` starts in `out`: its config resolved
-    as the script resolves it, quietly (the script prints its notes itself)."""
-    kind = "base" if command[0] == "train_base.py" else "kd"
-    parser = config.get_args_parser(kind)
-    parser.prog = command[0]  # for argparse's messages
-    with contextlib.redirect_stdout(io.StringIO()):
-        cfg, _ = config.resolve(parser.parse_args([*command[1:], "--output-dir", out]), kind)
-    return json.loads(json.dumps(config.run_identity(vars(config.with_data(cfg, data_sha256, None)))))
+def grid_weights(default, factors):
+    """The KD weights a method is tuned over: its default times each factor, the default first."""
+    weights = [default] + [float(f"{default * factor:.6g}") for factor in factors if factor != 1]
+    return list(dict.fromkeys(weights))
+
+
+def tuning_grid(args, root):
+    """{method: (default weight, {weight: (folder, command)})}: the tuning runs, on --tune-seed."""
+    grid = {}
+    for method in cache_order(args.methods):
+        default_job = kd_job(args, root, method, args.tune_seed)
+        default = requested_settings(*reversed(default_job))["kd_weight"]
+        grid[method] = (default, {weight: default_job if weight == default else
+                                  kd_job(args, root, method, args.tune_seed, weight)
+                                  for weight in grid_weights(default, args.tune)})
+    return grid
+
+
+def chosen_weight(scores, default):
+    """The weight with the best validation top-1 (scores: {weight: top-1, or None for a run that
+    diverged}); on a tie the one nearest the default (by ratio); None when every run diverged."""
+    finite = {weight: score for weight, score in scores.items() if score is not None}
+    if not finite:
+        return None
+    return max(finite, key=lambda w: (finite[w], -abs(math.log(w / default)) if w and default else 0))
+
+
+def last_val_top1(out):
+    """The validation top-1 of the last epoch of the run in `out`, None when it diverged."""
+    if os.path.exists(os.path.join(out, DIVERGED)):
+        return None
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return float(list(csv.DictReader(f))[-1]["val_top1"])
+
+
+def choose_weights(grid, root, tune_seed, failures):
+    """{method: chosen weight, None where none can be} from the finished tuning runs (a method one of
+    whose runs failed gets none); writes ROOT/tuning.json."""
+    record, chosen = {"seed": tune_seed, "selected_on": "validation top-1, last epoch", "methods": {}}, {}
+    for method, (default, runs) in grid.items():
+        failed = [out for out, _ in runs.values() if out in failures]
+        if failed:
+            print(f"tuned  {method}: no weight chosen, as {', '.join(failed)} failed", flush=True)
+            chosen[method] = None
+            continue
+        scores = {weight: last_val_top1(out) for weight, (out, _) in runs.items()}
+        chosen[method] = chosen_weight(scores, default)
+        identity = requested_settings(*reversed(runs[default]))
+        record["methods"][method] = {
+            "default": default, "chosen": chosen[method],
+            "identity": {k: v for k, v in config.run_identity(identity).items() if k not in ("seed", "kd_weight")},
+            "runs": [{"kd_weight": weight, "folder": os.path.relpath(out, root), "val_top1": scores[weight]}
+                     for weight, (out, _) in runs.items()]}
+        tried = ", ".join(f"{w:g}: {'diverged' if s is None else f'{s:.2f}'}" for w, s in scores.items())
+        weight = "none (every run diverged)" if chosen[method] is None else f"{chosen[method]:g}"
+        print(f"tuned  {method}: kd weight {weight} (validation top-1 {tried})", flush=True)
+    path = os.path.join(root, "tuning.json")
+    if os.path.exists(path):  # the methods an earlier sweep in this root tuned, and this one did not, stay
+        with open(path) as f:
+            earlier = json.load(f)
+        record["methods"] = {**earlier["methods"], **record["methods"]}
+    write_json(record, path)
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def loaded_data_sha256(dataset, root, val_file):
+    """data.data_sha256 of what a run loads, read once per sweep."""
+    validation = data.load_val_file(dataset, val_file) if val_file else ()
+    return data.data_sha256(*data.load_cifar(dataset, root), *validation)
+
+
+_settings = {}  # folder -> (command, its settings): each run's settings resolved once per sweep
+
+
+def requested_settings(command, out):
+    """The settings (with the data's sha256) of the run that `command` starts in `out`: its config
+    resolved as the script resolves it, quietly (the script prints its notes itself)."""
+    if out not in _settings or _settings[out][0] != command:
+        kind = "base" if command[0] == "train_base.py" else "kd"
+        parser = config.get_args_parser(kind)
+        parser.prog = command[0]  # for argparse's messages
+        with contextlib.redirect_stdout(io.StringIO()):
+            cfg, _ = config.resolve(parser.parse_args([*command[1:], "--output-dir", out]), kind)
+        sha256 = loaded_data_sha256(cfg.dataset, cfg.data_root, cfg.val_file)
+        _settings[out] = command, json.loads(json.dumps(vars(config.with_data(cfg, sha256, None))))
+    return _settings[out][1]
+
+
+def requested_identity(command, out):
+    """The identity (config.run_identity) of the run that `command` starts in `out`."""
+    return config.run_identity(requested_settings(command, out))
 
 
 def saved_state(out, requested):
     """What `out` holds against the requested identity: ('new', None) when it holds no run yet,
-    ('complete' or 'resume', None) when its run has that identity (all epochs done or not), or
-    ('differs', the settings that differ, in words)."""
+    ('complete', 'resume' or 'diverged', None) when its run has that identity (all epochs done, not, or
+    stopped on non-finite values), or ('differs', the settings that differ, in words)."""
     if not holds_run(out):
         return "new", None
     try:
         with open(os.path.join(out, "args.json")) as f:
             saved = config.run_identity(json.load(f))
-        with open(os.path.join(out, "metrics.csv")) as f:
-            rows = sum(1 for _ in csv.DictReader(f))
+        diverged = os.path.exists(os.path.join(out, DIVERGED))
+        rows = 0
+        if not diverged:
+            with open(os.path.join(out, "metrics.csv")) as f:
+                rows = sum(1 for _ in csv.DictReader(f))
     except (OSError, ValueError) as e:
         return "differs", f"its args.json or metrics.csv cannot be read ({type(e).__name__})"
     if saved != requested:
         differing = [key for key in sorted(set(saved) | set(requested)) if saved.get(key) != requested.get(key)]
         return "differs", "; ".join(f"{key.replace('_', ' ')} {shown(saved.get(key))} there, "
                                     f"{shown(requested.get(key))} now" for key in differing)
+    if diverged:
+        return "diverged", None
     complete = rows >= requested["epochs"] and os.path.exists(os.path.join(out, "last.pt"))
     return ("complete" if complete else "resume"), None
 
@@ -175,12 +317,15 @@ class Runner:
             for child in self.children:
                 child.send_signal(signum)
 
-    def run(self, out, command, resume, gpu=None):
-        """Runs one job (resuming it when asked); returns its exit status, or None when a signal came first."""
+    def run(self, out, command, resume, gpu=None, threads=None):
+        """Runs one job (resuming it when asked) on `gpu`, or with `threads` CPU threads when given;
+        returns its exit status, or None when a signal came first."""
         os.makedirs(out, exist_ok=True)
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         with self.lock:
             if self.signum is not None:
                 return None
@@ -200,15 +345,16 @@ class Runner:
         return status
 
 
-def check_jobs(jobs, data_sha256, rerun):
+def check_jobs(jobs, rerun):
     """(jobs to run as (folder, command, resume)), after comparing each folder's run with the requested
-    settings: a complete run with the same identity is skipped, an unfinished one resumed; one made
-    with other settings is a UserError naming them, or, with rerun, deleted to be trained again."""
+    settings: a complete run with the same identity is skipped (as is one that diverged), an unfinished
+    one resumed; one made with other settings is a UserError naming them, or, with rerun, deleted to be
+    trained again."""
     todo, differing = [], []
     for out, command in jobs:
-        state, why = saved_state(out, requested_identity(command, out, data_sha256))
-        if state == "complete":
-            print(f"skip   {out} (complete)", flush=True)
+        state, why = saved_state(out, requested_identity(command, out))
+        if state in ("complete", "diverged"):
+            print(f"skip   {out} ({state})", flush=True)
         elif state == "differs" and rerun:
             delete_run(out, f"made with other settings: {why}")
             todo.append((out, command, False))
@@ -238,16 +384,24 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.script_args[:1] == ["--"]:
         args.script_args = args.script_args[1:]
+    refuse_unused_method_flags(args.script_args, args.methods)
+    args.tune_seed = args.seeds[0] if args.tune_seed is None else args.tune_seed
+    if args.tune and "--kd-weight" in {token.split("=")[0] for token in args.script_args}:
+        raise UserError("--tune tries each method's default KD weight times its factors; --kd-weight after -- "
+                        "would set one weight for every method: give one or the other.")
+    if args.tune and args.tune_seed not in args.seeds:
+        raise UserError(f"--tune-seed {args.tune_seed} is not one of --seeds {args.seeds}: the tuning runs at the "
+                        f"default weight are that seed's runs.")
     root = args.output_root or os.path.join("runs", f"sweep-{args.dataset}-{args.teacher}-to-{args.student}")
     gpus = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
-    data_sha256 = data.data_sha256(*data.load_cifar(args.dataset, args.data_root))
+    slots = run_slots(gpus, args.jobs, len(os.sched_getaffinity(0)))
     with claimed_output_dir(root, resuming=True), Runner() as runner:  # one sweep at a time in a root
         if args.teacher_checkpoint is None:
             teacher_dir = os.path.join(root, f"teacher-{args.teacher}-seed{args.teacher_seed}")
             teacher_cmd = ["train_base.py", "--model", args.teacher, "--seed", str(args.teacher_seed),
                            "--dataset", args.dataset, "--data-root", args.data_root,
                            *base_script_args(args.script_args)]
-            teacher_job = check_jobs([(teacher_dir, teacher_cmd)], data_sha256, args.rerun)
+            teacher_job = check_jobs([(teacher_dir, teacher_cmd)], args.rerun)
             args.teacher_checkpoint = os.path.join(teacher_dir, "last.pt")
             if teacher_job:  # the students' runs must then be new: a run there learnt from another teacher
                 kept = [out for out, _ in jobs(args, root) if holds_run(out)]
@@ -261,36 +415,68 @@ def main(argv=None):
                     stop(runner, "the teacher's run failed, so no student can run.")
         elif not os.path.isfile(args.teacher_checkpoint):
             raise UserError(f"--teacher-checkpoint {args.teacher_checkpoint} does not exist.")
-        queue, failures = Queue(), []
-        for job in check_jobs(list(jobs(args, root)), data_sha256, args.rerun):
-            queue.put(job)
-        first_method = cache_order(args.methods)[0] if args.methods else None
-        if len(gpus) > 1 and first_method and not METHODS[first_method].teacher_cache_refusal() and not queue.empty():
-            # alone: the teacher cache it may build then serves the runs after it, instead of each building one
-            job = queue.get_nowait()
-            if runner.run(*job, gpus[0]) != 0:
-                failures.append(job[0])
-
-        def worker(gpu):
-            while True:
-                try:
-                    job = queue.get_nowait()
-                except Empty:
-                    return
-                status = runner.run(*job, gpu)
-                if status is None:  # stopped by a signal
-                    return
-                if status != 0:
-                    failures.append(job[0])
-        threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in (gpus or [None])]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        default_jobs = list(jobs(args, root))
+        grid = tuning_grid(args, root) if args.tune and args.methods else {}
+        if grid:
+            default, runs = next(iter(grid.values()))
+            settings = requested_settings(*reversed(runs[default]))
+            if not settings["val_split"] and not settings["val_file"]:
+                raise UserError("--tune chooses each KD weight on validation images: give --val-file or --val-split "
+                                "after --, so that it never chooses on the test images.")
+        tuning = [job for _, runs in grid.values() for job in runs.values() if job not in default_jobs]
+        # the tuning seed's runs at the default weights, then the other weights, then the other seeds
+        first = [job for job in default_jobs if job[0].endswith(f"-seed{args.tune_seed}")]
+        failures = run_all(runner, check_jobs(first + tuning + [j for j in default_jobs if j not in first],
+                                              args.rerun), slots, args.methods, args.teacher_cache != "off")
+        if grid and runner.signum is None:
+            chosen = choose_weights(grid, root, args.tune_seed, failures)
+            tuned = [kd_job(args, root, method, seed, weight) for seed in args.seeds
+                     for method, weight in chosen.items() if weight not in (None, grid[method][0])]
+            failures += run_all(runner, check_jobs(tuned, args.rerun), slots, args.methods, args.teacher_cache != "off")
         if failures and runner.signum is None:
             raise UserError(f"{len(failures)} run(s) failed: {', '.join(failures)}")
         stop(runner)
     print(f"all runs complete in {root}; report: python report.py {root}")
+
+
+def run_slots(gpus, jobs, cores):
+    """Where the runs go, as (GPU, CPU threads) per run at once: `jobs` per GPU, or on the CPU `jobs`
+    runs with an equal share of its cores (None: the default, every core)."""
+    if gpus:
+        return [(gpu, None) for gpu in gpus for _ in range(jobs)]
+    return [(None, max(1, cores // jobs) if jobs > 1 else None)] * jobs
+
+
+def run_all(runner, todo, slots, methods, cache):
+    """Runs the jobs, one per slot (gpu, threads) at a time; returns the folders of those that failed.
+    When several slots run at once and the first job may build the teacher cache (`cache`: the
+    sweep's --teacher-cache is not off), it runs alone first, so that the cache it builds serves the
+    others instead of each building one."""
+    queue, failures = Queue(), []
+    for job in todo:
+        queue.put(job)
+    first_method = cache_order(methods)[0] if methods else None
+    if len(slots) > 1 and cache and first_method and not METHODS[first_method].teacher_cache_refusal() and \
+            not queue.empty():
+        job = queue.get_nowait()
+        if runner.run(*job, slots[0][0]) not in (0, None):  # with every thread: it runs alone
+            failures.append(job[0])
+
+    def worker(slot):
+        while runner.signum is None:
+            try:
+                job = queue.get_nowait()
+            except Empty:
+                return
+            status = runner.run(*job, *slot)
+            if status not in (0, None):
+                failures.append(job[0])
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
 
 
 def stop(runner, failure=None):

@@ -8,7 +8,7 @@
   teacher_cache.py  the teacher's outputs on every augmented view, computed once (--teacher-cache)
 """
 from .checkpoint import run_stage  # noqa: F401
-from .loop import build_optimizer, evaluate, fit, train_one_epoch, train_step  # noqa: F401
+from .loop import DIVERGED, build_optimizer, evaluate, fit, train_one_epoch, train_step  # noqa: F401
 from .processes import setup_device  # noqa: F401
 from .tasks import Distiller, Supervised, Teacher, load_predictor  # noqa: F401
 from .teacher_cache import prepare_teacher_cache  # noqa: F401

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import UserError, append_csv_row, is_main, log, progress_bar, write_csv
+from utils import UserError, append_csv_row, is_main, log, progress_bar, write_csv, write_json
 
 from .checkpoint import epoch_checkpoint, generator_states, restore, save_epoch, unwrap
 from .processes import (Interrupted, StopOnSignal, check_replicas, exit_on_signal, over_processes, share_buffers,
@@ -102,6 +102,9 @@ def evaluate(model, loader, amp=False):
     return {"loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
+DIVERGED = "diverged.json"
+
+
 def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
     """The epoch loop: train, step the LR, evaluate, record a row of metrics.csv, save last.pt and
     best.pt. loaders: 'train', 'test' and maybe 'val'; the best epoch is chosen on 'val' when it is
@@ -113,6 +116,8 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
     selected_on = "val" if "val" in loaders else "test"
     metrics_path, last_path = (os.path.join(cfg.output_dir, name) for name in ("metrics.csv", "last.pt"))
     history, best, first_epoch = [], {"top1": -1.0, "epoch": 0}, 1
+    if is_main() and os.path.exists(os.path.join(cfg.output_dir, DIVERGED)):  # a resume tries that epoch again
+        os.remove(os.path.join(cfg.output_dir, DIVERGED))
     if resume is not None:
         ckpt, path = resume
         restore(task, optimizer, scheduler, train_loader, ckpt, path)
@@ -129,8 +134,9 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
             try:
                 train = train_one_epoch(trainer, train_loader, optimizer, f"epoch {epoch}/{cfg.epochs}", stop, amp)
             except Diverged as e:
-                raise UserError(f"The training loss became non-finite in epoch {epoch} at step {e.step}, so the run "
-                                f"stopped ({kept(epoch, last_path)}); check --lr and the KD weights.") from None
+                diverged(cfg.output_dir, epoch, f"The training loss became non-finite in epoch {epoch} at step "
+                                                f"{e.step}, so the run stopped ({kept(epoch, last_path)}); check --lr "
+                                                f"and the KD weights.")
             except Interrupted:
                 exit_on_signal(stop.signum, epoch, last_path)
             share_buffers(task)
@@ -139,8 +145,8 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
             val = evaluate(task.predictor(), loaders["val"], amp) if "val" in loaders else None
             bad = first_non_finite(task, {"test": test, "validation": val})
             if bad:  # a diverged model is never saved, as last.pt nor as best.pt
-                raise UserError(f"Epoch {epoch} ended with {bad}, so the run stopped without saving it "
-                                f"({kept(epoch, last_path)}); check --lr and the KD weights.")
+                diverged(cfg.output_dir, epoch, f"Epoch {epoch} ended with {bad}, so the run stopped without saving "
+                                                f"it ({kept(epoch, last_path)}); check --lr and the KD weights.")
             row = metrics_row(epoch, lr, train, test, val, time.perf_counter() - start)
             history.append(row)
             improved = (val or test)["top1"] > best["top1"]
@@ -176,6 +182,14 @@ def first_non_finite(task, evaluations):
         if result is not None and not math.isfinite(result["loss"]):
             return f"a {split} loss of {result['loss']}"
     return None
+
+
+def diverged(folder, epoch, message):
+    """Stops a run whose weights or losses became non-finite, leaving diverged.json (the epoch and the
+    message) in its folder: sweep.py does not train it again, and report.py says so."""
+    if is_main():
+        write_json({"epoch": epoch, "message": message}, os.path.join(folder, DIVERGED))
+    raise UserError(message)
 
 
 def kept(epoch, last_path):

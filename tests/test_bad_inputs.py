@@ -144,12 +144,13 @@ def write_batch(path, data, labels, label_key="labels"):
 def world(tmp_path_factory, cifar10_root, teacher):
     """What the probes need: data folders with bad arrays, a run to resume, a SimKD student, a file
     where a folder should be."""
+    import pickle
+
     import numpy as np
     root = tmp_path_factory.mktemp("probes")
     folder = os.path.join(cifar10_root, "cifar-10-batches-py")
 
     def variant(name, file, data=None, labels=None):
-        import pickle
         copy = root / "data" / name
         shutil.copytree(cifar10_root, copy)
         with open(os.path.join(folder, file), "rb") as f:
@@ -165,14 +166,25 @@ def world(tmp_path_factory, cifar10_root, teacher):
         "empty-test": variant("empty-test", "test_batch", data=lambda d: d[:0], labels=lambda y: []),
         "other-test-image": variant("other-test-image", "test_batch", data=lambda d: 255 - d),
     }
+    with open(os.path.join(folder, "data_batch_1"), "rb") as f:
+        images = pickle.load(f, encoding="latin1")
+    with open(os.path.join(folder, "test_batch"), "rb") as f:
+        test = pickle.load(f, encoding="latin1")
+    val_files = {"val": root / "val_batch", "val-other": root / "val_batch_other", "val-test": root / "test_as_val"}
+    write_batch(val_files["val"], 255 - images["data"], images["labels"])
+    write_batch(val_files["val-other"], 254 - images["data"], images["labels"])
+    write_batch(val_files["val-test"], test["data"], test["labels"])
     runs = root / "runs"
     run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", runs / "base", "--model", "resnet8",
                "--epochs", 1, "--batch-size", 40)
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", runs / "base-val", "--model", "resnet8",
+               "--epochs", 1, "--batch-size", 40, "--val-file", val_files["val"])
     run_script("train_kd.py", "--teacher", teacher, "--method", "simkd", "--data-root", cifar10_root,
                "--output-dir", runs / "simkd", "--student", "resnet8", "--epochs", 1, "--batch-size", 40)
     blocker = root / "a-file"
     blocker.write_text("not a folder")
-    return {"root": root, "data": cifar10_root, "teacher": teacher, "runs": runs, "blocker": blocker, **roots}
+    return {"root": root, "data": cifar10_root, "teacher": teacher, "runs": runs, "blocker": blocker, **roots,
+            **val_files}
 
 
 def kd(w, *args):
@@ -199,10 +211,21 @@ PROBES = [
     ("resume-on-other-data", lambda w: base(w, "--resume", w["runs"] / "base" / "last.pt", "--epochs", 2,
                                             data="other-test-image"),
      ["is not the data the run in", "was trained on"]),
+    ("resume-on-other-validation-images", lambda w: base(w, "--resume", w["runs"] / "base-val" / "last.pt",
+                                                         "--epochs", 2, "--val-file", w["val-other"]),
+     ["is not the data the run in", "validation images"]),
     ("resume-with-another-lr", lambda w: base(w, "--resume", w["runs"] / "base" / "last.pt", "--lr", 0.2),
      ["--lr 0.2 differs from 0.1"]),
     ("resume-best-pt", lambda w: base(w, "--resume", w["runs"] / "base" / "best.pt"), ["not a last.pt"]),
     ("run-folder-holds-a-run", lambda w: base(w, "--output-dir", w["runs"] / "base"), ["already holds a run"]),
+    # validation images
+    ("val-file-and-val-split", lambda w: base(w, "--val-file", w["val"], "--val-split", 10),
+     ["--val-file and --val-split both name validation images"]),
+    ("val-file-missing", lambda w: base(w, "--val-file", w["root"] / "nowhere"), ["--val-file", "does not exist"]),
+    ("val-file-holds-test-images", lambda w: base(w, "--val-file", w["val-test"]),
+     ["40 of the 40 images in --val-file", "are also test images", "must be neither"]),
+    ("val-file-of-another-layout", lambda w: base(w, "--val-file", w["hwc"] / "cifar-10-batches-py" / "data_batch_2"),
+     ["uint8 of shape (40, 32, 32, 3)"]),
     # flags
     ("seed-2-to-the-64", lambda w: base(w, "--seed", 2 ** 64), ["--seed", "from 0 to 2^64 - 1"]),
     ("mistyped-flag", lambda w: base(w, "--epoch", 3), ["unrecognized arguments: --epoch"]),

@@ -222,6 +222,10 @@ def test_an_epoch_that_ends_non_finite_is_not_saved(cifar10_root, tmp_path):
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
     assert len(metrics_without_time(out)) == 1
+    assert json.loads((out / "diverged.json").read_text())["epoch"] == 2  # so that a sweep does not retrain it
+    resumed = run_script("train_base.py", "--resume", out / "last.pt", check=False)  # a resume tries again
+    assert_user_error(resumed, "Epoch 2 ended with")
+    assert (out / "diverged.json").exists()
 
 
 def test_a_kd_run_whose_first_epoch_ends_non_finite_saves_nothing(teacher, cifar10_root, tmp_path):
@@ -231,6 +235,7 @@ def test_a_kd_run_whose_first_epoch_ends_non_finite_saves_nothing(teacher, cifar
                       "--kd-weight", 1e30, check=False)
     assert_user_error(proc, "Epoch 1 ended with", "no epoch was saved")
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists() and not (out / "metrics.csv").exists()
+    assert json.loads((out / "diverged.json").read_text())["epoch"] == 1
 
 
 def test_a_non_finite_buffer_is_named():

@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+import data
 import report
-from conftest import DEVICE, ROOT, make_cifar10, run_script
+import sweep
+from conftest import DEVICE, ROOT, assert_user_error, make_cifar10, run_script
 from data import load_cifar
 
 
@@ -56,13 +58,15 @@ def test_report_means_stds_and_gains(runs):
     assert st["last"] == pytest.approx((st_last.mean(), st_last.std(ddof=1)))
     assert st["best"] == pytest.approx((st_best.mean(), st_best.std(ddof=1)))
     assert base["best"] == pytest.approx((base_best.mean(), base_best.std(ddof=1)))
-    assert st["gain"] == pytest.approx(st_last.mean() - base_last.mean())
+    assert st["gain"] == pytest.approx((st_last.mean() - base_last.mean(),
+                                        np.sqrt(st_last.var(ddof=1) / 3 + base_last.var(ddof=1) / 3)))
     assert st["selected_on"] == "val" and base["selected_on"] == "test"
     assert st["published"] == 92.82 and base["published"] == 92.37
     assert table[("baseline", "resnet110")]["last"] == (90, None)
     text = report.markdown(report.summarise(report.read_runs(runs)))
     assert f"{st_last.mean():.2f} ± {st_last.std(ddof=1):.2f}" in text
-    assert f"{st_last.mean() - base_last.mean():+.2f}" in text
+    assert f"| {st_last.mean() - base_last.mean():+.2f} ± {st['gain'][1]:.2f} |" in text
+    assert "Best epochs were chosen on the test images where the column says (test)" in text
     assert text.index("| baseline | resnet20") < text.index("| st | resnet20")
 
 
@@ -72,9 +76,9 @@ def test_report_never_puts_two_identities_in_one_row(runs, capsys):
     gain is over the baseline of its own settings; a folder that cannot be read is left out, named."""
     fake_run(runs, "base-lr", "cifar10", "baseline", "resnet20", 0, [80, 80, 80], settings={"lr": 0.02, "batch_size": 16})
     fake_run(runs, "base1-again", "cifar10", "baseline", "resnet20", 1, [10, 10, 10])  # seed 1 again
-    for seed, data in ((0, "a"), (1, "a"), (0, "b")):
-        fake_run(runs, f"base-data-{data}{seed}", "cifar10", "baseline", "resnet20", seed, [40, 40, 40 + seed],
-                 settings={"data_sha256": data * 64})
+    for seed, data_name in ((0, "a"), (1, "a"), (0, "b")):
+        fake_run(runs, f"base-data-{data_name}{seed}", "cifar10", "baseline", "resnet20", seed, [40, 40, 40 + seed],
+                 settings={"data_sha256": data_name * 64})
     fake_run(runs, "st-data-a", "cifar10", "st", "resnet20", 0, [50, 50, 50], settings={"data_sha256": "a" * 64})
     os.makedirs(os.path.join(runs, "broken"))
     open(os.path.join(runs, "broken", "args.json"), "w").write("{not json")
@@ -90,8 +94,10 @@ def test_report_never_puts_two_identities_in_one_row(runs, capsys):
     assert base["duplicates"] == [(os.path.join(runs, "base1-again"), os.path.join(runs, "base1"))]  # first kept
     assert table["baseline (batch size 16, lr 0.02)"]["seeds"] == [0]
     assert table["baseline (data aaaaaaaaaaaa)"]["seeds"] == [0, 1]
-    assert table["st (data aaaaaaaaaaaa)"]["gain"] == pytest.approx(50 - 40.5)  # over the baseline on data a
-    assert table["st (data unrecorded)"]["gain"] == pytest.approx(np.mean([v[-1] for v in ST.values()]) - base["last"][0])
+    assert table["st (data aaaaaaaaaaaa)"]["gain"][0] == pytest.approx(50 - 40.5)  # over the baseline on data a
+    assert table["st (data aaaaaaaaaaaa)"]["gain"][1] is None  # one seed: no spread
+    assert table["st (data unrecorded)"]["gain"][0] == pytest.approx(np.mean([v[-1] for v in ST.values()]) -
+                                                                     base["last"][0])
     text = report.markdown(list(table.values()))
     assert "| 0,1,2 (1 duplicate left out) |" in text and "the same run as" in text
 
@@ -137,7 +143,7 @@ def test_published_numbers_are_per_pair():
     row = {"dataset": "cifar100", "epochs": 240, "method": "crd", "label": "crd", "comparable": True,
            "model": "resnet8x4", "teacher": "resnet32x4",
            "seeds": [0], "incomplete": 0, "last": (75.0, None), "best": (75.2, None), "selected_on": "test",
-           "gain": 2.5, "published": c100[("crd", "resnet8x4", "resnet32x4")], "seconds": 60}
+           "gain": (2.5, None), "published": c100[("crd", "resnet8x4", "resnet32x4")], "seconds": 60}
     assert "| – / 75.51 |" in report.markdown([row])
 
 
@@ -237,36 +243,55 @@ def test_sigterm_reaches_the_sweeps_runs_and_a_second_sweep_is_refused(teacher, 
 @pytest.mark.slow
 def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     """benchmarks/kd_evidence.py on the tiny CIFAR-10 (2 student images per class and batch, 1
-    evaluation image per class): data folders, teacher, sweep, a run with a scaled KD weight,
-    report, official-test table; a rerun skips every step that is done."""
+    evaluation and 1 validation image per class): data folders, teacher, sweep with KD weights tuned
+    on the validation images and run at the chosen weight on every seed, report, official-test table;
+    a rerun skips every step that is done."""
     work = tmp_path / "work"
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "kd_evidence.py"), "--cifar10", cifar10_root,
             "--work", work, "--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", "--epochs", 1,
-            "--seeds", 0, "--methods", "st", "at", "--per-class", 2, "--eval-per-class", 1, "--val-split", 10,
-            "--scaled", "st=0.5", "--publish", tmp_path / "published", "--", "--batch-size", 20, "--device", DEVICE]
+            "--seeds", 0, 1, "--methods", "st", "at", "--per-class", 2, "--eval-per-class", 1, "--val-per-class", 1,
+            "--tune", 0.5, 4, "--jobs", 2, "--publish", tmp_path / "published", "--", "--batch-size", 20,
+            "--device", DEVICE]
     first = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    swept = report.read_runs(str(work / "sweep"))
-    # labelled with what differs from the recipe and the methods' defaults
-    assert {(r["label"], r["seed"]) for r in swept} == {("baseline (batch size 20)", 0), ("st (batch size 20)", 0),
-                                                         ("at (batch size 20)", 0),
-                                                         ("st (batch size 20, kd weight 0.5)", 0)}
     train_x, train_y, test_x, test_y = load_cifar("cifar10", str(work / "data" / "students"), download=False)
     full_x, full_y, official_x, _ = load_cifar("cifar10", cifar10_root, download=False)
     evaluation = np.loadtxt(work / "data" / "eval_indices.txt", dtype=np.int64)
-    assert len(train_y) == 100 and len(test_y) == len(evaluation) == 10
+    validation = np.loadtxt(work / "data" / "val_indices.txt", dtype=np.int64)
+    val_x, val_y = data.load_val_file("cifar10", str(work / "data" / "validation_batch"))
+    assert len(train_y) == 100 and len(test_y) == len(evaluation) == 10 and len(val_y) == len(validation) == 10
     assert (np.asarray(test_x) == np.asarray(full_x)[evaluation]).all()
-    students, evaluated = (set(map(bytes, np.asarray(x).reshape(len(x), -1))) for x in (train_x, test_x))
-    assert not students & evaluated
+    assert (np.asarray(val_x) == np.asarray(full_x)[validation]).all()
+    students, evaluated, held_out = (set(map(bytes, np.asarray(x).reshape(len(x), -1)))
+                                     for x in (train_x, test_x, val_x))
+    assert not students & evaluated and not students & held_out and not evaluated & held_out
+    tuning = json.load(open(work / "sweep" / "tuning.json"))
+    assert tuning["seed"] == 0 and set(tuning["methods"]) == {"st", "at"}
+    for method, entry in tuning["methods"].items():
+        scores = {run["kd_weight"]: run["val_top1"] for run in entry["runs"]}
+        default = entry["default"]
+        assert sorted(scores) == sorted([default, default * 0.5, default * 4])
+        for run in entry["runs"]:  # each score is that run's last validation top-1
+            with open(work / "sweep" / run["folder"] / "metrics.csv") as f:
+                assert float(list(csv.DictReader(f))[-1]["val_top1"]) == run["val_top1"]
+        assert entry["chosen"] == sweep.chosen_weight(scores, default)
+        chosen = f"-kd-weight-{entry['chosen']:g}" if entry["chosen"] != default else ""
+        for seed in (0, 1):  # the chosen weight on every seed
+            with open(work / "sweep" / f"{method}{chosen}-resnet8-seed{seed}" / "args.json") as f:
+                assert json.load(f)["kd_weight"] == entry["chosen"]
+    swept = report.read_runs(str(work / "sweep"))
+    assert all(r["selected_on"] == "val" for r in swept)
+    text = open(work / "sweep" / "report.md").read()
+    assert "Best epochs were chosen on the validation images (val); the test images chose nothing." in text
+    assert "KD weights tuned on validation images" in text and "| st | " in text and "| at | " in text
     official = open(work / "sweep" / "official_test.md").read()
     assert f"on the {len(official_x)} official CIFAR-10 test images" in official
-    assert "| st (batch size 20) | 1 |" in official and "| baseline (batch size 20) | 1 |" in official
-    assert "| st (batch size 20, kd weight 0.5) | 1 |" in official
+    assert "| st (batch size 20) | 2 |" in official and "| baseline (batch size 20) | 2 |" in official
     assert sorted(os.listdir(tmp_path / "published")) == sorted(
-        ["official_test.md", "report.md"] + [p for p in ("test_top1.png", "train_loss.png")
+        ["official_test.md", "report.md"] + [p for p in ("gains.png", "test_top1.png", "train_loss.png")
                                             if os.path.exists(work / "sweep" / p)])
     again = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "skip  " in again.stdout
+    assert again.returncode == 0 and "skip  " in again.stdout and "run   " not in again.stdout
     assert "+ python train_base.py" not in again.stdout  # the teacher is done
 
 
@@ -275,8 +300,6 @@ def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_ro
     results (the data by their contents, not their folder) makes it differ, named."""
     import shutil
 
-    import data
-    import sweep
     out = str(tmp_path / "baseline")
 
     def command(data_root=cifar10_root, *more):
@@ -286,8 +309,8 @@ def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_ro
     run_script(*command(), "--output-dir", out)
     sha = data.data_sha256(*load_cifar("cifar10", cifar10_root, download=False))
 
-    def state(*more, data_root=cifar10_root, data_sha256=sha):
-        return sweep.saved_state(out, sweep.requested_identity(command(data_root, *more), out, data_sha256))
+    def state(*more, data_root=cifar10_root):
+        return sweep.saved_state(out, sweep.requested_identity(command(data_root, *more), out))
     assert state() == ("complete", None)
     assert state("--lr", 0.02) == ("differs", "lr 0.1 there, 0.02 now")
     assert state("--epochs", 2) == ("differs", "epochs 1 there, 2 now; lr milestones [1] there, [1, 2] now")
@@ -295,7 +318,14 @@ def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_ro
     moved = tmp_path / "moved"
     shutil.copytree(cifar10_root, moved)
     assert state(data_root=moved) == ("complete", None)  # the same arrays elsewhere
-    assert state(data_sha256="0" * 64) == ("differs", f"data sha256 {sha[:12]} there, {'0' * 12} now")
+    other = tmp_path / "other"
+    make_cifar10(str(other), test=20)
+    other_sha = data.data_sha256(*load_cifar("cifar10", str(other), download=False))
+    assert state(data_root=other) == ("differs", f"data sha256 {sha[:12]} there, {other_sha[:12]} now")
+    with open(os.path.join(out, "diverged.json"), "w") as f:
+        json.dump({"epoch": 1, "message": "..."}, f)
+    assert state() == ("diverged", None)  # not trained again
+    os.remove(os.path.join(out, "diverged.json"))
     os.remove(os.path.join(out, "last.pt"))
     assert state() == ("resume", None)
     with open(os.path.join(out, "args.json"), "w") as f:
@@ -319,3 +349,101 @@ def test_report_labels_the_recipe_a_row_used(tmp_path):
     official = table["mlkd (official recipe: lr 0.025)"]
     assert official["comparable"] and official["published"] == (None, 77.08)
     assert not table["mlkd (lr 0.05)"]["comparable"]
+
+
+def sweep_args(*argv):
+    args = sweep.get_args_parser().parse_args([str(a) for a in argv])
+    args.script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    args.tune_seed = args.seeds[0]
+    return args
+
+
+def test_a_methods_own_flags_reach_its_runs_alone(teacher, cifar10_root, tmp_path):
+    """`--methods kdsvd st -- --kdsvd-k 4`: kdsvd's runs get --kdsvd-k, st's and the baseline's do not
+    (before, every KD run got every flag, and st refused it)."""
+    args = sweep_args("--methods", "kdsvd", "st", "--seeds", 0, "--teacher-checkpoint", teacher, "--student",
+                      "resnet8", "--data-root", cifar10_root, "--", "--kdsvd-k", 4, "--epochs", 3, "--device", DEVICE)
+    commands = {os.path.basename(out): command for out, command in sweep.jobs(args, str(tmp_path))}
+    assert set(commands) == {"kdsvd-resnet8-seed0", "st-resnet8-seed0", "baseline-resnet8-seed0"}
+    assert "--kdsvd-k" in commands["kdsvd-resnet8-seed0"]
+    assert "--kdsvd-k" not in commands["st-resnet8-seed0"] and "--kdsvd-k" not in commands["baseline-resnet8-seed0"]
+    assert all(command[command.index("--epochs") + 1] == "3" for command in commands.values())
+    settings = {name: sweep.requested_settings(command, str(tmp_path / name)) for name, command in commands.items()}
+    assert settings["kdsvd-resnet8-seed0"]["kdsvd_k"] == 4 and "kdsvd_k" not in settings["st-resnet8-seed0"]
+    assert sweep.method_script_args(["--T", "2", "--kdsvd-k=4", "--lr", "0.1"], "st") == ["--T", "2", "--lr", "0.1"]
+
+
+def test_sweep_refusals_come_before_anything_trains(teacher, cifar10_root, tmp_path):
+    common = ("--teacher-checkpoint", teacher, "--student", "resnet8", "--data-root", cifar10_root,
+              "--output-root", tmp_path / "sweep", "--seeds", 0, 1)
+    cases = [(("--methods", "st", "--", "--kdsvd-k", 4), "--kdsvd-k belongs to --method kdsvd, which this sweep "
+                                                         "does not run"),
+             (("--methods", "st", "--tune", 0.1, 1, "--", "--epochs", 1), "--tune chooses each KD weight on "
+                                                                          "validation images"),
+             (("--methods", "st", "--tune", 0.1, "--", "--kd-weight", 0.5, "--val-split", 10),
+              "--kd-weight after -- would set one weight for every method"),
+             (("--methods", "st", "--tune", 0.1, "--tune-seed", 5, "--", "--val-split", 10),
+              "--tune-seed 5 is not one of --seeds [0, 1]")]
+    for flags, message in cases:
+        proc = run_script("sweep.py", *common, *flags, check=False)
+        assert_user_error(proc, message)
+        assert not any((tmp_path / "sweep").glob("*/args.json"))  # nothing trained
+
+
+def test_the_tuner_chooses_on_validation_scores():
+    assert sweep.grid_weights(0.9, [0.1, 1, 10]) == [0.9, 0.09, 9.0]  # the default first, rounded
+    assert sweep.grid_weights(1.0, [1, 1]) == [1.0]
+    assert sweep.chosen_weight({1.0: 60.0, 0.1: 65.0, 10.0: 20.0}, 1.0) == 0.1
+    assert sweep.chosen_weight({1.0: 60.0, 0.1: 60.0, 10.0: 60.0}, 1.0) == 1.0  # a tie: the default
+    assert sweep.chosen_weight({1.0: 50.0, 0.1: 60.0, 100.0: 60.0}, 1.0) == 0.1  # a tie: the nearer one
+    assert sweep.chosen_weight({1.0: None, 0.1: 30.0}, 1.0) == 0.1  # a diverged run never wins
+    assert sweep.chosen_weight({1.0: None, 0.1: None}, 1.0) is None
+
+
+def test_jobs_share_the_cpu_or_fill_each_gpu():
+    assert sweep.run_slots([], 1, 2) == [(None, None)]          # one run, every thread
+    assert sweep.run_slots([], 2, 2) == [(None, 1), (None, 1)]  # two single-threaded runs
+    assert sweep.run_slots([], 3, 16) == [(None, 5)] * 3
+    assert sweep.run_slots([0, 1], 2, 16) == [(0, None), (0, None), (1, None), (1, None)]
+
+
+def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
+    """With sweep.py's tuning.json: the tuned weight's row is labelled 'tuned', a weight not chosen
+    appears in the tuning table only, with its validation and test top-1, and the agreement of the
+    two rankings is given."""
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, f"base{seed}", "cifar10", "baseline", "resnet20", seed, [50, 60 + seed], [50, 61])
+        fake_run(tmp_path, f"rkd{seed}", "cifar10", "rkd", "resnet20", seed, [40, 45 + seed], [40, 44 + seed],
+                 kd_weight=1.0, w_dist=25.0)
+        fake_run(tmp_path, f"rkd-0.1-{seed}", "cifar10", "rkd", "resnet20", seed, [40, 63 + seed], [40, 62 + seed],
+                 kd_weight=0.1, w_dist=25.0)
+    fake_run(tmp_path, "rkd-10-0", "cifar10", "rkd", "resnet20", 0, [10, 20], [10, 21], kd_weight=10.0, w_dist=25.0)
+    identity = {k: v for k, v in report.run_identity(json.load(open(tmp_path / "rkd0" / "args.json"))).items()
+                if k not in ("seed", "kd_weight")}
+    tuning = {"seed": 0, "selected_on": "validation top-1, last epoch", "methods": {"rkd": {
+        "default": 1.0, "chosen": 0.1, "identity": identity,
+        "runs": [{"kd_weight": 1.0, "folder": "rkd0", "val_top1": 44.0},
+                 {"kd_weight": 0.1, "folder": "rkd-0.1-0", "val_top1": 62.0},
+                 {"kd_weight": 10.0, "folder": "rkd-10-0", "val_top1": 21.0}]}}}
+    json.dump(tuning, open(tmp_path / "tuning.json", "w"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), str(tmp_path), "--no-plots"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "report.md").read_text()
+    rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| cifar10 |")}
+    assert set(rows) == {"baseline", "rkd", "rkd (kd weight 0.1, tuned)"}  # the 10's run is in the tuning table only
+    assert "| 0,1,2 | 64.00 ± 1.00 |" in rows["rkd (kd weight 0.1, tuned)"] and "| +3.00 ± 0.82 |" in rows[
+        "rkd (kd weight 0.1, tuned)"]
+    assert "Best epochs were chosen on the validation images (val); the test images chose nothing." in text
+    assert "| rkd | 1 | 0.1: 62.00 (63.00) · 1: 44.00 (45.00) · 10: 21.00 (20.00) | 0.1 |" in text.replace("**", "")
+    assert "**0.1**: 62.00 (63.00)" in text
+    assert "also the best on the test images for 1 of 1 methods" in text
+    assert "averaged over 1 methods: 1.00" in text
+
+
+def test_spearman_rank_correlation():
+    assert report.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert report.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert report.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert report.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    assert report.spearman([1], [2]) is None and report.spearman([1, 1], [1, 2]) is None

@@ -101,3 +101,55 @@ def test_existing_run_is_not_overwritten(base_run, cifar10_root):
     proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, *TINY, check=False)
     assert_user_error(proc, "already holds a run")
     assert os.path.getmtime(os.path.join(out, "last.pt")) == before
+
+
+def test_validation_images_from_a_file_choose_the_best_epoch(cifar10_root, cifar100_root, tmp_path):
+    """--val-file: every training image trains, the file's images choose the best epoch (scored as the
+    evaluation scores them), and they are part of the run's data identity (CIFAR-100 files too)."""
+    import pickle
+
+    import numpy as np
+
+    from data import load_val_file
+    train_x, train_y, _, _ = load_cifar("cifar10", cifar10_root, download=False)
+    val_file = tmp_path / "val_batch"
+    with open(val_file, "wb") as f:  # images that are in neither set: the training images, inverted
+        pickle.dump({"data": (255 - train_x[:30]).reshape(30, -1).numpy(), "labels": train_y[:30].tolist()}, f)
+    out = tmp_path / "run"
+    proc = run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", out, "--val-file", val_file, *TINY)
+    assert f"200 training, 30 validation (from {val_file}) and 40 test images" in proc.stdout + proc.stderr
+    rows = read_metrics(out / "metrics.csv")
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["selected_on"] == "val"
+    assert float(rows[ckpt["epoch"] - 1]["val_top1"]) == max(float(r["val_top1"]) for r in rows)
+    model = build_model("resnet8", 10)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    val_x, val_y = load_val_file("cifar10", str(val_file))
+    spec = DATASETS["cifar10"]
+    acc = evaluate(model, DeviceLoader(val_x, val_y, 32, spec.mean, spec.std, train=False))
+    assert acc["top1"] == pytest.approx(float(rows[-1]["val_top1"]), abs=1e-6)
+    args = json.load(open(out / "args.json"))
+    plain = tmp_path / "plain"
+    run_script("train_base.py", "--data-root", cifar10_root, "--output-dir", plain, "--epochs", 1, "--batch-size", 32,
+               "--model", "resnet8")
+    assert args["val_file"] == str(val_file)
+    assert args["data_sha256"] != json.load(open(plain / "args.json"))["data_sha256"]  # the file is in the identity
+
+    c100_x, c100_y, _, _ = load_cifar("cifar100", cifar100_root, download=False)
+    c100_val = tmp_path / "c100_val"
+    with open(c100_val, "wb") as f:  # CIFAR-100's label key
+        pickle.dump({"data": (255 - c100_x[:20]).reshape(20, -1).numpy(),
+                     "fine_labels": np.asarray(c100_y[:20]).tolist()}, f)
+    run_script("train_base.py", "--dataset", "cifar100", "--data-root", cifar100_root, "--output-dir",
+               tmp_path / "c100", "--val-file", c100_val, "--epochs", 1, "--batch-size", 64, "--model", "resnet8")
+    assert "val_top1" in read_metrics(tmp_path / "c100" / "metrics.csv")[0]
+
+
+def test_images_in_counts_exact_copies_only():
+    from data import images_in
+    a = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    b = torch.cat([a[10:20], torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)])
+    assert images_in(a, b) == 10 and images_in(b, a) == 10
+    near = a.clone()
+    near[:, 0, 0, 0] ^= 1  # one pixel off in every image
+    assert images_in(near, a) == 0 and images_in(a[:0], a) == 0
