@@ -12,13 +12,14 @@ method's and the recipe's defaults, e.g. 'rkd (kd weight 0.1)' or 'baseline (lr 
 would still read alike add the settings in which they differ (e.g. 'data 3f2a9c01d4e5'). Two runs
 of one identity and seed are duplicates: the first folder's is reported, and the others are listed
 under the table. Each row gives, over its seeds: the last-epoch test top-1, the best-epoch test
-top-1 (the epoch chosen on the validation split when one was held out, else on the test set
+top-1 (the epoch chosen on the validation images when the runs had them, else on the test set
 itself, and the column says which), the gain of the last-epoch mean over the baseline with the same
 settings, the published number where there is one (marked as not comparable unless the row has the
 settings it was trained with, for at least as many epochs), and the mean wall time per run.
 Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
 sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
-counted in its row's note.
+counted in its row's note; one that stopped on an error (its log.txt, which a sweep's runs write,
+ends with an 'error:' line) is listed under the table with that line.
 When RUNS holds sweep.py's tuning.json (sweep.py --tune), a second table gives each method's tuning
 runs (validation top-1, and test top-1 for comparison only), the weight chosen on the validation
 images, and how well the validation images' ranking agrees with the test images'; the chosen
@@ -191,6 +192,19 @@ def read_runs(root):
                      "best": best["test_top1"], "selected_on": selector[:-5],
                      "seconds": sum(r["seconds"] for r in rows)})
     return runs
+
+
+def failed_runs(root):
+    """[(folder, the error line that ended it)] for every run folder below root whose log.txt (a
+    sweep's runs write one) ends with an 'error:' line, as a run that could not go on does."""
+    failed = []
+    for folder, _, files in sorted(os.walk(root)):
+        if "log.txt" in files and DIVERGED not in files:
+            with open(os.path.join(folder, "log.txt"), errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+            if lines and lines[-1].startswith("error:"):
+                failed.append((folder, lines[-1]))
+    return failed
 
 
 def mean_std(values):
@@ -374,7 +388,7 @@ def tuning_markdown(rows, tuning):
     return "\n".join(lines) + "\n"
 
 
-def markdown(table):
+def markdown(table, failed=()):
     chosen_on = {row["selected_on"] for row in table}
     lines = ["Best epochs were chosen on " + ("the validation images (val); the test images chose nothing."
                                             if chosen_on == {"val"} else
@@ -405,6 +419,9 @@ def markdown(table):
     if duplicates:
         lines += ["", "Duplicates (the same settings and seed as a reported run; left out of the table):", ""]
         lines += [f"- {folder} (the same run as {kept})" for folder, kept in duplicates]
+    if failed:
+        lines += ["", "Runs that stopped on an error (the last line of their log.txt):", ""]
+        lines += [f"- {folder}: {error}" for folder, error in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -466,7 +483,7 @@ def main():
     if tuning:
         apply_tuning(runs, tuning)
     table = summarise(runs)
-    text = markdown(table)
+    text = markdown(table, failed_runs(args.runs))
     if tuning:
         text += "\n" + tuning_markdown(tuning_rows(runs, tuning, args.runs), tuning)
     output = args.output or os.path.join(args.runs, "report.md")

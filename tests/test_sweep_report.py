@@ -426,6 +426,8 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
                  {"kd_weight": 0.1, "folder": "rkd-0.1-0", "val_top1": 62.0},
                  {"kd_weight": 10.0, "folder": "rkd-10-0", "val_top1": 21.0}]}}}
     json.dump(tuning, open(tmp_path / "tuning.json", "w"))
+    os.makedirs(tmp_path / "bss-seed0")  # a sweep's run that could not go on
+    (tmp_path / "bss-seed0" / "log.txt").write_text("recipe: ...\nerror: The teacher ... cannot teach.\n")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), str(tmp_path), "--no-plots"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -439,6 +441,7 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     assert "**0.1**: 62.00 (63.00)" in text
     assert "also the best on the test images for 1 of 1 methods" in text
     assert "averaged over 1 methods: 1.00" in text
+    assert f"- {tmp_path / 'bss-seed0'}: error: The teacher ... cannot teach." in text
 
 
 def test_spearman_rank_correlation():
