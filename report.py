@@ -367,7 +367,7 @@ def tuning_markdown(rows, tuning):
         lines.append(f"| {method} | {default:g} | {' · '.join(cells)} | "
                      f"{'none (every run diverged)' if chosen is None else f'{chosen:g}'} |")
         scored = [(val, test) for _, val, test in tried if val is not None and test is not None]
-        if chosen is None or len(scored) < len(tried):  # a diverged or missing run: no ranking to compare
+        if chosen is None or len(scored) < len(tried) or len(tried) < 2:  # no ranking to compare
             continue
         complete += 1
         agree += max(test for _, test in scored) == next(test for w, _, test in tried if w == chosen)
@@ -377,7 +377,8 @@ def tuning_markdown(rows, tuning):
         pooled += scored
     if complete:
         text = (f"Validation against test: the weight chosen on the validation images is also the best on the "
-                f"test images for {agree} of {complete} methods (those whose every tuning run finished)")
+                f"test images for {agree} of {complete} methods (those with two weights or more, every run "
+                f"finished)")
         if rhos:
             text += (f"; Spearman's rank correlation of validation and test top-1 within a method's runs, "
                      f"averaged over {len(rhos)} methods: {statistics.fmean(rhos):.2f}")

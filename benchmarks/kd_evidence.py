@@ -17,7 +17,9 @@ enough to tell: the whole experiment, from the official CIFAR-10 files to the re
    eval_indices.txt and val_indices.txt list those images' official training indices.
 2. Teacher: train_base.py on all 50,000 images (--teacher, --teacher-epochs).
 3. Students: sweep.py on students/ with --val-file validation_batch: the baseline and every
-   --methods, per seed, the teacher cache on for the methods that can read it; with --tune, each
+   --methods, per seed, the teacher cache on for the methods that can read it, the AB and FSP
+   stages shortened in proportion (--stage-epochs: the student's budget stays near the others');
+   FT's paraphraser stage, which trains no student, keeps its 30 epochs. With --tune, each
    method's KD weight tuned on the validation images (sweep.py --tune: its default and the
    factors' weights on the first seed, the best on every seed). --jobs runs that many at once.
 4. report.py on the sweep (tables and plots: test top-1 is top-1 on the 10,000 evaluation images),
@@ -68,6 +70,9 @@ def get_args(argv=None):
     p.add_argument("--tune", type=positive(float), nargs="*", default=[0.1, 1, 10], metavar="FACTOR",
                    help="sweep.py --tune: the factors of each method's default KD weight tried (none: no tuning)")
     p.add_argument("--jobs", type=positive(int), default=1, help="sweep.py --jobs: runs at once")
+    p.add_argument("--stage-epochs", type=positive(int), default=4,
+                   help="epochs of the AB and FSP stages, which train the student before its --epochs (their "
+                        "defaults, 50, precede 200 epochs)")
     p.add_argument("--publish", metavar="DIR", help="copy the reports and plots here (e.g. docs/evidence)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: flags for both training scripts")
     args = p.parse_args(argv)
@@ -176,7 +181,9 @@ def main(argv=None):
         "--teacher", args.teacher, "--student", args.student, "--methods", *args.methods, "--seeds", *args.seeds,
         "--output-root", sweep, "--teacher-cache", "on", "--jobs", args.jobs,
         *(["--tune", *args.tune] if args.tune else []),
-        "--", "--epochs", args.epochs, "--val-file", os.path.abspath(validation), *args.script_args)
+        "--", "--epochs", args.epochs, "--val-file", os.path.abspath(validation),
+        *[x for method in ("ab", "fsp") if method in args.methods for x in (f"--{method}-epochs", args.stage_epochs)],
+        *args.script_args)
     run("report.py", sweep)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     official = official_test(sweep, official_root, device)

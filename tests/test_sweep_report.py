@@ -425,6 +425,11 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
         "runs": [{"kd_weight": 1.0, "folder": "rkd0", "val_top1": 44.0},
                  {"kd_weight": 0.1, "folder": "rkd-0.1-0", "val_top1": 62.0},
                  {"kd_weight": 10.0, "folder": "rkd-10-0", "val_top1": 21.0}]}}}
+    fake_run(tmp_path, "fsp0", "cifar10", "fsp", "resnet20", 0, [50, 61], [50, 60], kd_weight=0.0)
+    tuning["methods"]["fsp"] = {  # a method that distils in its stage alone: weight 0, nothing to tune
+        "default": 0.0, "chosen": 0.0, "runs": [{"kd_weight": 0.0, "folder": "fsp0", "val_top1": 60.0}],
+        "identity": {k: v for k, v in report.run_identity(json.load(open(tmp_path / "fsp0" / "args.json"))).items()
+                     if k not in ("seed", "kd_weight")}}
     json.dump(tuning, open(tmp_path / "tuning.json", "w"))
     os.makedirs(tmp_path / "bss-seed0")  # a sweep's run that could not go on
     (tmp_path / "bss-seed0" / "log.txt").write_text("recipe: ...\nerror: The teacher ... cannot teach.\n")
@@ -433,13 +438,14 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "report.md").read_text()
     rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| cifar10 |")}
-    assert set(rows) == {"baseline", "rkd", "rkd (kd weight 0.1, tuned)"}  # the 10's run is in the tuning table only
+    assert set(rows) == {"baseline", "rkd", "rkd (kd weight 0.1, tuned)", "fsp"}  # the 10's run: tuning table only
     assert "| 0,1,2 | 64.00 ± 1.00 |" in rows["rkd (kd weight 0.1, tuned)"] and "| +3.00 ± 0.82 |" in rows[
         "rkd (kd weight 0.1, tuned)"]
     assert "Best epochs were chosen on the validation images (val); the test images chose nothing." in text
     assert "| rkd | 1 | 0.1: 62.00 (63.00) · 1: 44.00 (45.00) · 10: 21.00 (20.00) | 0.1 |" in text.replace("**", "")
     assert "**0.1**: 62.00 (63.00)" in text
-    assert "also the best on the test images for 1 of 1 methods" in text
+    assert "| fsp | 0 | **0**: 60.00 (61.00) | 0 |" in text
+    assert "also the best on the test images for 1 of 1 methods" in text  # fsp's single weight ranks nothing
     assert "averaged over 1 methods: 1.00" in text
     assert f"- {tmp_path / 'bss-seed0'}: error: The teacher ... cannot teach." in text
 
