@@ -157,14 +157,16 @@ def kd_job(args, root, method, seed, weight=None):
 
 
 def jobs(args, root):
-    """(folder, command) of every student run at the methods' default weights, the teacher cache's first
-    reader first."""
+    """(folder, command) of every student run at the methods' default weights, per seed: the teacher
+    cache's first reader first, then the baseline (so that a sweep stopped early has it to compare
+    with), then the other methods."""
     for seed in args.seeds:
-        for method in cache_order(args.methods):
-            yield kd_job(args, root, method, seed)
-        yield (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
-               ["train_base.py", "--model", args.student, "--seed", str(seed), "--dataset", args.dataset,
-                "--data-root", args.data_root, *base_script_args(args.script_args)])
+        runs = [kd_job(args, root, method, seed) for method in cache_order(args.methods)]
+        runs.insert(min(1, len(runs)), (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
+                                        ["train_base.py", "--model", args.student, "--seed", str(seed), "--dataset",
+                                         args.dataset, "--data-root", args.data_root,
+                                         *base_script_args(args.script_args)]))
+        yield from runs
 
 
 def grid_weights(default, factors):
