@@ -140,11 +140,12 @@ def images_in(images, others):
         return torch.cat([(chunk.reshape(len(chunk), -1).long() * weights).sum(1) for chunk in x.split(4096)])
     if len(images) == 0 or len(others) == 0:
         return 0
-    candidates = torch.isin(hashes(images), hashes(others)).nonzero().flatten()
+    image_hashes, other_hashes = hashes(images), hashes(others)
+    candidates = torch.isin(image_hashes, other_hashes).nonzero().flatten()
     if len(candidates) == 0:
         return 0
-    flat_others = {bytes(row.numpy()) for row in others.reshape(len(others), -1)[
-        torch.isin(hashes(others), hashes(images[candidates]))]}
+    matching_others = others[torch.isin(other_hashes, image_hashes[candidates])]
+    flat_others = {bytes(row.numpy()) for row in matching_others.reshape(len(matching_others), -1)}
     return sum(bytes(images[i].reshape(-1).numpy()) in flat_others for i in candidates.tolist())
 
 
