@@ -19,9 +19,11 @@ settings it was trained with, for at least as many epochs), and the mean wall ti
 Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
 sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
 counted in its row's note; one that stopped on an error (its log.txt, which a sweep's runs write,
-ends with an 'error:' line) is listed under the table with that line.
-When RUNS holds sweep.py's tuning.json (sweep.py --tune), a second table gives each method's tuning
-runs (validation top-1, and test top-1 for comparison only), the weight chosen on the validation
+ends with an 'error:' line), diverged ones with no saved epoch included, is listed under the table
+with that line.
+When RUNS holds sweep.py's tuning.json (sweep.py --tune), a summary gives each method on one line,
+its default-weight and tuned rows side by side (or the error that stopped it), and a table each
+method's tuning runs (validation top-1, and test top-1 for comparison only), the weight chosen on the validation
 images, and how well the validation images' ranking agrees with the test images'; the chosen
 weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear there only.
 Plots (need matplotlib): gains.png, each method's gain over the baseline with its standard error,
@@ -196,10 +198,15 @@ def read_runs(root):
 
 def failed_runs(root):
     """[(folder, the error line that ended it)] for every run folder below root whose log.txt (a
-    sweep's runs write one) ends with an 'error:' line, as a run that could not go on does."""
+    sweep's runs write one) ends with an 'error:' line, as a run that could not go on does; a run
+    that diverged after a saved epoch is left out (its row counts it)."""
     failed = []
     for folder, _, files in sorted(os.walk(root)):
-        if "log.txt" in files and DIVERGED not in files:
+        if DIVERGED in files and "metrics.csv" in files:
+            with open(os.path.join(folder, "metrics.csv")) as f:
+                if len(f.read().strip().splitlines()) > 1:
+                    continue
+        if "log.txt" in files:
             with open(os.path.join(folder, "log.txt"), errors="replace") as f:
                 lines = [line.strip() for line in f if line.strip()]
             if lines and lines[-1].startswith("error:"):
@@ -389,6 +396,63 @@ def tuning_markdown(rows, tuning):
     return "\n".join(lines) + "\n"
 
 
+def method_summary_markdown(table, failed, tuning):
+    """One line per KD method: its default-weight row and its tuned row side by side, methods with the
+    larger gain first; a method without a finished default-weight run gives its runs' error instead."""
+    rows = defaultdict(dict)
+    for row in table:
+        role = row["runs"][0].get("role")
+        if role in ("default", "tuned"):
+            rows[row["method"]][role] = row
+        elif row["method"] != "baseline" and not row["variant"]:  # not tuned: one of its tuning runs failed
+            rows[row["method"]].setdefault("default", row)
+    errors = defaultdict(list)
+    for folder, error in failed:  # sweep.py names a run's folder after its method first
+        errors[os.path.basename(os.path.normpath(folder)).split("-")[0]].append(error)
+    baseline = next((row for row in table if row["method"] == "baseline"), None)
+    seeds = len(baseline["seeds"]) if baseline else None
+
+    def cells(row):
+        if row is None:
+            return "not run", "–"
+        note = "" if len(row["seeds"]) == seeds else f" ({len(row['seeds'])} seed{'s' * (len(row['seeds']) > 1)})"
+        gain = "–" if row["gain"] is None else f"{row['gain'][0]:+.2f}" + \
+            ("" if row["gain"][1] is None else f" ± {row['gain'][1]:.2f}")
+        return fmt(*row["last"]) + note, gain
+
+    def order(method):
+        gains = [row["gain"][0] for row in rows[method].values() if row["gain"] is not None]
+        return -max(gains) if gains else math.inf, method
+
+    over = "" if baseline is None else f" ({fmt(*baseline['last'])})"
+    lines = [f"Each method at its default KD weight and at the weight tuned on validation images: last-epoch "
+             f"test top-1, mean ± std over {seeds or '?'} seed{'s' * (seeds != 1)} unless marked, and the gain over "
+             f"the baseline"
+             f"{over} ± its standard error.", "",
+             "| method | default weight | top-1 | gain | tuned weight | top-1 | gain | wall time per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in sorted(set(tuning["methods"]) | {m for m in errors if m in METHODS}, key=order):
+        entry, default = tuning["methods"].get(method), rows[method].get("default")
+        weight = f"{entry['default']:g}" if entry else "–"
+        if default is None:
+            why = errors[method][0] if errors[method] else "no finished run"
+            lines.append("| " + " | ".join([method, weight, why.replace("|", "/")] + [""] * 5) + " |")
+            continue
+        if entry is None:
+            tuned = ("none: a tuning run failed", "", "")
+        elif entry["chosen"] is None:
+            tuned = ("none: every tuning run diverged", "", "")
+        elif len(entry["runs"]) < 2:  # FSP and AB distil in their stage, at KD weight 0
+            tuned = ("nothing to tune", "", "")
+        elif entry["chosen"] == entry["default"]:
+            tuned = (f"{entry['chosen']:g} (the default)", "=", "=")
+        else:
+            tuned = (f"{entry['chosen']:g}", *cells(rows[method].get("tuned")))
+        lines.append(f"| {method} | {weight} | {' | '.join(cells(default))} | {' | '.join(tuned)} | "
+                     f"{default['seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table, failed=()):
     chosen_on = {row["selected_on"] for row in table}
     lines = ["Best epochs were chosen on " + ("the validation images (val); the test images chose nothing."
@@ -426,6 +490,24 @@ def markdown(table, failed=()):
     return "\n".join(lines) + "\n"
 
 
+def gain_lines(table):
+    """[(label, {role: row})] for gains.png, sorted by the larger gain: a tuned method's default-weight
+    and tuned rows share its line; any other row with a gain has a line of its own."""
+    lines = {}
+    for row in table:
+        if row["gain"] is None:
+            continue
+        role = row["runs"][0].get("role")
+        if role in ("default", "tuned"):
+            lines.setdefault(row["method"], [row["method"], {}])[1][role] = row
+            if role == "tuned":
+                lines[row["method"]][0] = f"{row['method']} (tuned: kd weight {row['runs'][0]['kd_weight']:g})"
+        else:
+            lines[row["label"]] = [row["label"], {"default": row}]
+    return sorted(((label, rows) for label, rows in lines.values()),
+                  key=lambda line: max(row["gain"][0] for row in line[1].values()))
+
+
 def plot(table, folder, curves=6):
     """Writes gains.png (when a row has a gain) and test_top1.png and train_loss.png (the baseline and
     the `curves` rows with the best last-epoch top-1); returns their paths."""
@@ -433,15 +515,20 @@ def plot(table, folder, curves=6):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
-    gains = sorted((row for row in table if row["gain"] is not None), key=lambda row: row["gain"][0])
-    if gains:
-        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(gains)))
-        ax.errorbar([row["gain"][0] for row in gains], range(len(gains)),
-                    xerr=[row["gain"][1] or 0 for row in gains], fmt="none", ecolor="grey", capsize=3)
-        ax.scatter([row["gain"][0] for row in gains], range(len(gains)), zorder=3,
-                   c=["tab:green" if row["gain"][0] > 0 else "tab:red" for row in gains],
-                   marker="o", s=[36 if "tuned" in row["variant"] else 24 for row in gains])
-        ax.set_yticks(range(len(gains)), [f"{row['label']} ({len(row['seeds'])} seeds)" for row in gains], fontsize=8)
+    lines = gain_lines(table)
+    if lines:
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(lines)))
+        for y, (_, rows) in enumerate(lines):
+            for role, row in rows.items():
+                ax.errorbar(row["gain"][0], y, xerr=row["gain"][1] or 0, fmt="none", ecolor="grey", capsize=3)
+                colour = "tab:green" if row["gain"][0] > 0 else "tab:red"
+                ax.scatter(row["gain"][0], y, zorder=3, s=36, marker="D" if role == "tuned" else "o",
+                           facecolors=colour if role == "tuned" else "white", edgecolors=colour,
+                           label="tuned KD weight" if role == "tuned" else "default KD weight")
+        handles = {label: handle for handle, label in zip(*ax.get_legend_handles_labels())}
+        if "tuned KD weight" in handles:
+            ax.legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
+        ax.set_yticks(range(len(lines)), [label for label, _ in lines], fontsize=8)
         ax.axvline(0, color="black", linewidth=1)
         ax.set_xlabel("gain over the baseline, last-epoch test top-1 (points), ± standard error")
         ax.grid(axis="x", alpha=0.3)
@@ -484,8 +571,10 @@ def main():
     if tuning:
         apply_tuning(runs, tuning)
     table = summarise(runs)
-    text = markdown(table, failed_runs(args.runs))
+    failed = failed_runs(args.runs)
+    text = markdown(table, failed)
     if tuning:
+        text += "\n" + method_summary_markdown(table, failed, tuning)
         text += "\n" + tuning_markdown(tuning_rows(runs, tuning, args.runs), tuning)
     output = args.output or os.path.join(args.runs, "report.md")
     with open(output, "w") as f:

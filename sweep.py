@@ -20,7 +20,7 @@ that may have been chosen on the test set); the other runs then go one after ano
 device, or on several GPUs at once (one run per GPU, --gpus). The KD runs that can read the
 teacher cache go first, those that read the teacher's pooled vector before those that read its
 logits alone, so that the cache the first one builds (--teacher-cache) serves all the others; when
-several runs go at once, that first run goes alone. --jobs N runs N at once per GPU, or on the CPU,
+several runs go at once, that first run goes alone (unless it resumes: its cache exists). --jobs N runs N at once per GPU, or on the CPU,
 each with 1/N of its cores (on a 2-core CPU, two single-threaded runs gave 1.11x the runs per hour
 of one run with both threads: docs/results.md).
 
@@ -434,7 +434,8 @@ def main(argv=None):
             chosen = choose_weights(grid, root, args.tune_seed, failures)
             tuned = [kd_job(args, root, method, seed, weight) for seed in args.seeds
                      for method, weight in chosen.items() if weight not in (None, grid[method][0])]
-            failures += run_all(runner, check_jobs(tuned, args.rerun), slots, args.methods, args.teacher_cache != "off")
+            # every seed's cache was built in the first phase
+            failures += run_all(runner, check_jobs(tuned, args.rerun), slots, args.methods, cache=False)
         if failures and runner.signum is None:
             raise UserError(f"{len(failures)} run(s) failed: {', '.join(failures)}")
         stop(runner)
@@ -449,17 +450,24 @@ def run_slots(gpus, jobs, cores):
     return [(None, max(1, cores // jobs) if jobs > 1 else None)] * jobs
 
 
+def builds_cache(job, first_method):
+    """Whether `job` may build its seed's teacher cache: a fresh run of the cache's first reader (a
+    resumed one built it before its first epoch)."""
+    _, command, resume = job
+    return not resume and "--method" in command and command[command.index("--method") + 1] == first_method
+
+
 def run_all(runner, todo, slots, methods, cache):
     """Runs the jobs, one per slot (gpu, threads) at a time; returns the folders of those that failed.
     When several slots run at once and the first job may build the teacher cache (`cache`: the
-    sweep's --teacher-cache is not off), it runs alone first, so that the cache it builds serves the
-    others instead of each building one."""
+    sweep's --teacher-cache is not off; the job starts afresh and is the cache's first reader), it runs
+    alone first, so that the cache it builds serves the others instead of each building one."""
     queue, failures = Queue(), []
     for job in todo:
         queue.put(job)
     first_method = cache_order(methods)[0] if methods else None
     if len(slots) > 1 and cache and first_method and not METHODS[first_method].teacher_cache_refusal() and \
-            not queue.empty():
+            todo and builds_cache(todo[0], first_method):
         job = queue.get_nowait()
         if runner.run(*job, slots[0][0]) not in (0, None):  # with every thread: it runs alone
             failures.append(job[0])

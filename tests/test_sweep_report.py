@@ -408,6 +408,34 @@ def test_jobs_share_the_cpu_or_fill_each_gpu():
     assert sweep.run_slots([0, 1], 2, 16) == [(0, None), (0, None), (1, None), (1, None)]
 
 
+class RecordingRunner:
+    signum = None
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, out, command, resume, gpu=None, threads=None):
+        self.calls.append((out, threads))
+        return 0
+
+
+@pytest.mark.parametrize("first, resume, alone", [("pkt", False, True), ("pkt", True, False), ("st", False, False)])
+def test_only_a_fresh_first_cache_reader_runs_alone(first, resume, alone):
+    """The run that may build the teacher cache runs with every thread before the others start; a
+    resumed one (its cache exists) or another method's run shares the CPU from the start."""
+    methods = ["st", "pkt"]  # cache order: pkt reads more of the teacher's outputs, so it builds the cache
+    todo = [(f"{first}-seed0", ["train_kd.py", "--method", first], resume)] + \
+        [(f"{m}-seed1", ["train_kd.py", "--method", m], False) for m in methods]
+    runner = RecordingRunner()
+    assert sweep.run_all(runner, todo, [(None, 1), (None, 1)], methods, cache=True) == []
+    assert sorted(out for out, _ in runner.calls) == sorted(out for out, _, _ in todo)
+    assert (runner.calls[0] == (f"{first}-seed0", None)) == alone
+    assert all(threads == 1 for _, threads in runner.calls[alone:])
+    runner = RecordingRunner()
+    sweep.run_all(runner, todo, [(None, 1), (None, 1)], methods, cache=False)
+    assert all(threads == 1 for _, threads in runner.calls)
+
+
 def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     """With sweep.py's tuning.json: the tuned weight's row is labelled 'tuned', a weight not chosen
     appears in the tuning table only, with its validation and test top-1, and the agreement of the
@@ -434,6 +462,10 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     json.dump(tuning, open(tmp_path / "tuning.json", "w"))
     os.makedirs(tmp_path / "bss-seed0")  # a sweep's run that could not go on
     (tmp_path / "bss-seed0" / "log.txt").write_text("recipe: ...\nerror: The teacher ... cannot teach.\n")
+    os.makedirs(tmp_path / "ofd-seed0")  # diverged before an epoch was saved: it has no row to count it
+    (tmp_path / "ofd-seed0" / "log.txt").write_text("error: epoch 1 ended with non-finite weights.\n")
+    (tmp_path / "ofd-seed0" / "metrics.csv").write_text("epoch,train_loss,test_top1,seconds\n")
+    (tmp_path / "ofd-seed0" / "diverged.json").write_text('{"epoch": 1, "message": "..."}')
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), str(tmp_path), "--no-plots"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -449,6 +481,20 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     assert "also the best on the test images for 1 of 1 methods" in text  # fsp's single weight ranks nothing
     assert "averaged over 1 methods: 1.00" in text
     assert f"- {tmp_path / 'bss-seed0'}: error: The teacher ... cannot teach." in text
+    assert f"- {tmp_path / 'ofd-seed0'}: error: epoch 1 ended with non-finite weights." in text
+    # the summary: a line per method, default and tuned side by side, the larger gain first
+    summary = text[text.index("| method | default weight | top-1 |"):].splitlines()[2:6]
+    assert [line.split(" | ")[:7] for line in summary] == [
+        ["| rkd", "1", "46.00 ± 1.00", "-15.00 ± 0.82", "0.1", "64.00 ± 1.00", "+3.00 ± 0.82"],
+        ["| fsp", "0", "61.00 (1 seed)", "+0.00", "nothing to tune", "", ""],
+        ["| bss", "–", "error: The teacher ... cannot teach.", "", "", "", ""],
+        ["| ofd", "–", "error: epoch 1 ended with non-finite weights.", "", "", "", ""]]
+    assert "over the baseline (61.00 ± 1.00)" in text
+    runs = report.read_runs(str(tmp_path))
+    report.apply_tuning(runs, report.read_tuning(str(tmp_path)))
+    # gains.png: a line per method, its default and tuned rows on it, the larger gain last (at the top)
+    assert [(label, sorted(rows)) for label, rows in report.gain_lines(report.summarise(runs))] == [
+        ("fsp", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
 
 
 def test_spearman_rank_correlation():
