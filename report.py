@@ -231,7 +231,7 @@ def summarise(runs):
         groups[identity_key(run["identity"])].append(run)
     groups = {key: group for key, group in groups.items() if any(r.get("role") != "grid" for r in group)}
     labels = distinct_labels(groups)
-    baselines = {key: [r["last"] for r in unique(group)[0]]
+    baselines = {key: ([r["last"] for r in unique(group)[0]], labels[key])
                  for key, group in groups.items() if group[0]["method"] == "baseline"}
     table = []
     order = sorted(groups, key=lambda key: (groups[key][0]["dataset"], groups[key][0]["epochs"],
@@ -243,14 +243,15 @@ def summarise(runs):
                                                    ("dataset", "epochs", "method", "model", "teacher"))
         changed = first["variant"]
         last, best = mean_std([r["last"] for r in group]), mean_std([r["best"] for r in group])
-        base = baselines.get(identity_key({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS}))
+        base, base_label = baselines.get(
+            identity_key({k: v for k, v in first["identity"].items() if k not in KD_SETTINGS}), (None, None))
         gain = None if base is None or method == "baseline" else \
             (last[0] - statistics.fmean(base), standard_error([r["last"] for r in group], base))
         published = PUBLISHED.get(dataset, {}).get((method, model, None if method == "baseline" else teacher))
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
                       "model": model, "teacher": teacher, "runs": group, "comparable": first["comparable"],
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
-                      "gain": gain, "diverged": sum(r["diverged"] is not None for r in group),
+                      "gain": gain, "baseline": None if gain is None else base_label, "diverged": sum(r["diverged"] is not None for r in group),
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
                       "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
                       "incomplete": sum(not r["complete"] for r in group), "duplicates": duplicates})
@@ -409,7 +410,7 @@ def method_summary_markdown(table, failed, tuning):
     errors = defaultdict(list)
     for folder, error in failed:  # sweep.py names a run's folder after its method first
         errors[os.path.basename(os.path.normpath(folder)).split("-")[0]].append(error)
-    baseline = next((row for row in table if row["method"] == "baseline"), None)
+    baseline = next((row for row in table if row["method"] == "baseline" and not row["variant"]), None)
     seeds = len(baseline["seeds"]) if baseline else None
 
     def cells(row):
@@ -418,6 +419,8 @@ def method_summary_markdown(table, failed, tuning):
         note = "" if len(row["seeds"]) == seeds else f" ({len(row['seeds'])} seed{'s' * (len(row['seeds']) > 1)})"
         gain = "–" if row["gain"] is None else f"{row['gain'][0]:+.2f}" + \
             ("" if row["gain"][1] is None else f" ± {row['gain'][1]:.2f}")
+        if row["gain"] is not None and (baseline is None or row["baseline"] != baseline["label"]):
+            gain += f" (over {row['baseline']})"  # the baseline trained with the row's own recipe
         return fmt(*row["last"]) + note, gain
 
     def order(method):
@@ -448,7 +451,7 @@ def method_summary_markdown(table, failed, tuning):
             tuned = (f"{entry['chosen']:g} (the default)", "=", "=")
         else:
             tuned = (f"{entry['chosen']:g}", *cells(rows[method].get("tuned")))
-        lines.append(f"| {method} | {weight} | {' | '.join(cells(default))} | {' | '.join(tuned)} | "
+        lines.append(f"| {default['label']} | {weight} | {' | '.join(cells(default))} | {' | '.join(tuned)} | "
                      f"{default['seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 

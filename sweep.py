@@ -15,7 +15,9 @@ its epochs and resumed when not; one made with other settings stops the sweep be
 anything (--rerun trains it again). The sweep locks its output root, and each run its folder, so
 two processes never train one folder; SIGINT and SIGTERM are passed on to the running runs, which
 stop resumable. A run that stopped because its weights or losses became non-finite (it leaves
-diverged.json) is not trained again. The teacher trains first (its last.pt teaches, not a best.pt
+diverged.json) is not trained again. A method that trains with a recipe of its own (MLKD's LR)
+gets a baseline trained with that recipe too (baseline-lr-0.025-...), so that its row has a
+baseline to gain over. The teacher trains first (its last.pt teaches, not a best.pt
 that may have been chosen on the test set); the other runs then go one after another on one
 device, or on several GPUs at once (one run per GPU, --gpus). The KD runs that can read the
 teacher cache go first, those that read the teacher's pooled vector before those that read its
@@ -156,17 +158,49 @@ def kd_job(args, root, method, seed, weight=None):
              *(["--kd-weight", repr(weight)] if weight is not None else [])])
 
 
-def jobs(args, root):
+def jobs(args, root, with_recipe_baselines=True):
     """(folder, command) of every student run at the methods' default weights, per seed: the teacher
     cache's first reader first, then the baseline (so that a sweep stopped early has it to compare
-    with), then the other methods."""
+    with) and, with_recipe_baselines (it needs the teacher), one at the recipe of each method that
+    trains with its own, then the other methods."""
     for seed in args.seeds:
         runs = [kd_job(args, root, method, seed) for method in cache_order(args.methods)]
-        runs.insert(min(1, len(runs)), (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
-                                        ["train_base.py", "--model", args.student, "--seed", str(seed), "--dataset",
-                                         args.dataset, "--data-root", args.data_root,
-                                         *base_script_args(args.script_args)]))
+        baseline = (os.path.join(root, f"baseline-{args.student}-seed{seed}"),
+                    ["train_base.py", "--model", args.student, "--seed", str(seed), "--dataset", args.dataset,
+                     "--data-root", args.data_root, *base_script_args(args.script_args)])
+        extra = recipe_baselines(args, root, seed, runs, baseline) if with_recipe_baselines else []
+        runs[min(1, len(runs)):min(1, len(runs))] = [baseline, *extra]
         yield from runs
+
+
+def recipe_baselines(args, root, seed, kd_runs, baseline):
+    """A baseline run at the recipe of each KD run whose method trains with recipe settings of its own
+    (KDMethod.official_recipe: MLKD's LR), so that its row has a baseline to gain over: the same
+    training with cross-entropy alone."""
+    base = requested_settings(*reversed(baseline))
+    extra = {}
+    for out, command in kd_runs:
+        settings = requested_settings(command, out)
+        changed = {key: settings[key] for key in config.RECIPES[args.dataset] if settings[key] != base[key]}
+        if changed:
+            name = "-".join(setting_words(key, value) for key, value in changed.items())
+            folder = os.path.join(root, f"baseline-{name}-{args.student}-seed{seed}")
+            extra[folder] = baseline[1] + [word for key, value in changed.items() for word in flag_words(key, value)]
+    return list(extra.items())
+
+
+def setting_words(key, value):
+    """'lr-0.025', 'lr-milestones-150-180-210': a setting in a folder's name."""
+    values = value if isinstance(value, list) else [value]
+    return "-".join([key.replace("_", "-"), *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)])
+
+
+def flag_words(key, value):
+    """The command-line words that set a recipe setting: ['--lr', '0.025'], ['--no-nesterov']."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return [f"--{flag}" if value else f"--no-{flag}"]
+    return [f"--{flag}", *map(str, value if isinstance(value, list) else [value])]
 
 
 def grid_weights(default, factors):
@@ -406,7 +440,7 @@ def main(argv=None):
             teacher_job = check_jobs([(teacher_dir, teacher_cmd)], args.rerun)
             args.teacher_checkpoint = os.path.join(teacher_dir, "last.pt")
             if teacher_job:  # the students' runs must then be new: a run there learnt from another teacher
-                kept = [out for out, _ in jobs(args, root) if holds_run(out)]
+                kept = [out for out, _ in jobs(args, root, with_recipe_baselines=False) if holds_run(out)]
                 if kept and not args.rerun:
                     raise UserError(f"{kept[0]} holds a run distilled from a teacher that this sweep is about to "
                                     f"train (again), so nothing was trained; --rerun trains it again from scratch "

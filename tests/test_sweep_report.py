@@ -374,6 +374,26 @@ def test_a_methods_own_flags_reach_its_runs_alone(teacher, cifar10_root, tmp_pat
     assert sweep.method_script_args(["--T", "2", "--kdsvd-k=4", "--lr", "0.1"], "st") == ["--T", "2", "--lr", "0.1"]
 
 
+def test_a_method_with_its_own_recipe_gets_a_baseline_trained_with_it(teacher, cifar10_root, tmp_path):
+    """MLKD trains at its official LR (0.025): the sweep adds a baseline at that LR, whose identity is
+    the MLKD run's without its KD settings, so that report.py gives MLKD's row a gain."""
+    args = sweep_args("--methods", "mlkd", "st", "--seeds", 0, "--teacher-checkpoint", teacher, "--student",
+                      "resnet8", "--data-root", cifar10_root, "--", "--epochs", 3, "--device", DEVICE)
+    commands = {os.path.basename(out): command for out, command in sweep.jobs(args, str(tmp_path))}
+    assert list(commands) == ["st-resnet8-seed0", "baseline-resnet8-seed0", "baseline-lr-0.025-resnet8-seed0",
+                              "mlkd-resnet8-seed0"]
+    assert commands["baseline-lr-0.025-resnet8-seed0"] == commands["baseline-resnet8-seed0"] + ["--lr", "0.025"]
+    identity = {name: {k: v for k, v in sweep.requested_identity(command, str(tmp_path / name)).items()
+                       if k not in report.KD_SETTINGS} for name, command in commands.items()}
+    assert identity["mlkd-resnet8-seed0"] == identity["baseline-lr-0.025-resnet8-seed0"]
+    assert identity["st-resnet8-seed0"] == identity["baseline-resnet8-seed0"]
+    assert [out for out, _ in sweep.jobs(args, str(tmp_path), with_recipe_baselines=False)] == \
+        [str(tmp_path / name) for name in commands if "lr-0.025" not in name]
+    assert sweep.setting_words("lr_milestones", [150, 180]) == "lr-milestones-150-180"
+    assert sweep.flag_words("nesterov", False) == ["--no-nesterov"]
+    assert sweep.flag_words("lr_milestones", [150, 180]) == ["--lr-milestones", "150", "180"]
+
+
 def test_sweep_refusals_come_before_anything_trains(teacher, cifar10_root, tmp_path):
     common = ("--teacher-checkpoint", teacher, "--student", "resnet8", "--data-root", cifar10_root,
               "--output-root", tmp_path / "sweep", "--seeds", 0, 1)
@@ -459,6 +479,18 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
         "default": 0.0, "chosen": 0.0, "runs": [{"kd_weight": 0.0, "folder": "fsp0", "val_top1": 60.0}],
         "identity": {k: v for k, v in report.run_identity(json.load(open(tmp_path / "fsp0" / "args.json"))).items()
                      if k not in ("seed", "kd_weight")}}
+    for seed in (0, 1, 2):  # a method with its own recipe (MLKD's LR) and the baseline at that recipe
+        fake_run(tmp_path, f"base-lr{seed}", "cifar10", "baseline", "resnet20", seed, [50, 55 + seed], [50, 55],
+                 settings={"lr": 0.025})
+        fake_run(tmp_path, f"mlkd{seed}", "cifar10", "mlkd", "resnet20", seed, [50, 57 + seed], [50, 56 + seed],
+                 settings={"lr": 0.025}, kd_weight=0.9)
+    fake_run(tmp_path, "mlkd-0.09-0", "cifar10", "mlkd", "resnet20", 0, [50, 52], [50, 51], settings={"lr": 0.025},
+             kd_weight=0.09)
+    tuning["methods"]["mlkd"] = {
+        "default": 0.9, "chosen": 0.9, "runs": [{"kd_weight": 0.9, "folder": "mlkd0", "val_top1": 56.0},
+                                                {"kd_weight": 0.09, "folder": "mlkd-0.09-0", "val_top1": 51.0}],
+        "identity": {k: v for k, v in report.run_identity(json.load(open(tmp_path / "mlkd0" / "args.json"))).items()
+                     if k not in ("seed", "kd_weight")}}
     json.dump(tuning, open(tmp_path / "tuning.json", "w"))
     os.makedirs(tmp_path / "bss-seed0")  # a sweep's run that could not go on
     (tmp_path / "bss-seed0" / "log.txt").write_text("recipe: ...\nerror: The teacher ... cannot teach.\n")
@@ -471,21 +503,24 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "report.md").read_text()
     rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| cifar10 |")}
-    assert set(rows) == {"baseline", "rkd", "rkd (kd weight 0.1, tuned)", "fsp"}  # the 10's run: tuning table only
+    assert set(rows) == {"baseline", "rkd", "rkd (kd weight 0.1, tuned)", "fsp", "baseline (lr 0.025)",
+                         "mlkd (official recipe: lr 0.025)"}  # the runs of weights not chosen: tuning table only
     assert "| 0,1,2 | 64.00 ± 1.00 |" in rows["rkd (kd weight 0.1, tuned)"] and "| +3.00 ± 0.82 |" in rows[
         "rkd (kd weight 0.1, tuned)"]
     assert "Best epochs were chosen on the validation images (val); the test images chose nothing." in text
     assert "| rkd | 1 | 0.1: 62.00 (63.00) · 1: 44.00 (45.00) · 10: 21.00 (20.00) | 0.1 |" in text.replace("**", "")
     assert "**0.1**: 62.00 (63.00)" in text
     assert "| fsp | 0 | **0**: 60.00 (61.00) | 0 |" in text
-    assert "also the best on the test images for 1 of 1 methods" in text  # fsp's single weight ranks nothing
-    assert "averaged over 1 methods: 1.00" in text
+    assert "also the best on the test images for 2 of 2 methods" in text  # fsp's single weight ranks nothing
+    assert "averaged over 2 methods: 1.00" in text
     assert f"- {tmp_path / 'bss-seed0'}: error: The teacher ... cannot teach." in text
     assert f"- {tmp_path / 'ofd-seed0'}: error: epoch 1 ended with non-finite weights." in text
     # the summary: a line per method, default and tuned side by side, the larger gain first
-    summary = text[text.index("| method | default weight | top-1 |"):].splitlines()[2:6]
+    summary = text[text.index("| method | default weight | top-1 |"):].splitlines()[2:7]
     assert [line.split(" | ")[:7] for line in summary] == [
         ["| rkd", "1", "46.00 ± 1.00", "-15.00 ± 0.82", "0.1", "64.00 ± 1.00", "+3.00 ± 0.82"],
+        ["| mlkd (official recipe: lr 0.025)", "0.9", "58.00 ± 1.00", "+2.00 ± 0.82 (over baseline (lr 0.025))",
+         "0.9 (the default)", "=", "="],
         ["| fsp", "0", "61.00 (1 seed)", "+0.00", "nothing to tune", "", ""],
         ["| bss", "–", "error: The teacher ... cannot teach.", "", "", "", ""],
         ["| ofd", "–", "error: epoch 1 ended with non-finite weights.", "", "", "", ""]]
@@ -494,7 +529,7 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     report.apply_tuning(runs, report.read_tuning(str(tmp_path)))
     # gains.png: a line per method, its default and tuned rows on it, the larger gain last (at the top)
     assert [(label, sorted(rows)) for label, rows in report.gain_lines(report.summarise(runs))] == [
-        ("fsp", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
+        ("fsp", ["default"]), ("mlkd", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
 
 
 def test_spearman_rank_correlation():
