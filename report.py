@@ -15,7 +15,9 @@ under the table. Each row gives, over its seeds: the last-epoch test top-1, the 
 top-1 (the epoch chosen on the validation images when the runs had them, else on the test set
 itself, and the column says which), the gain of the last-epoch mean over the baseline with the same
 settings, the published number where there is one (marked as not comparable unless the row has the
-settings it was trained with, for at least as many epochs), and the mean wall time per run.
+settings it was trained with, for at least as many epochs), and the mean wall time per run (its
+median epoch's time times its epochs: a paused epoch does not count; stages and the teacher cache's
+build are left out).
 Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
 sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
 counted in its row's note; one that stopped on an error (its log.txt, which a sweep's runs write,
@@ -192,7 +194,8 @@ def read_runs(root):
                      "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
                      "complete": len(rows) >= epochs, "rows": rows, "last": rows[-1]["test_top1"],
                      "best": best["test_top1"], "selected_on": selector[:-5],
-                     "seconds": sum(r["seconds"] for r in rows)})
+                     # an epoch slowed by a pause (kill -STOP, a suspended laptop) would inflate a sum
+                     "seconds": statistics.median(r["seconds"] for r in rows) * epochs})
     return runs
 
 

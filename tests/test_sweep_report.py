@@ -15,7 +15,7 @@ from data import load_cifar
 
 
 def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None, teacher="resnet110", settings=(),
-             **kd):
+             seconds=30.0, **kd):
     folder = os.path.join(root, name)
     os.makedirs(folder)
     args = {"dataset": dataset, "model": model, "seed": seed, "epochs": len(test_top1), **dict(settings)}
@@ -28,7 +28,8 @@ def fake_run(root, name, dataset, method, model, seed, test_top1, val_top1=None,
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for e, acc in enumerate(test_top1):
-            row = {"epoch": e + 1, "train_loss": 2.0 / (e + 1), "test_top1": acc, "seconds": 30.0}
+            row = {"epoch": e + 1, "train_loss": 2.0 / (e + 1), "test_top1": acc,
+                   "seconds": seconds[e] if isinstance(seconds, list) else seconds}
             if val_top1:
                 row["val_top1"] = val_top1[e]
             writer.writerow(row)
@@ -530,6 +531,13 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     # gains.png: a line per method, its default and tuned rows on it, the larger gain last (at the top)
     assert [(label, sorted(rows)) for label, rows in report.gain_lines(report.summarise(runs))] == [
         ("fsp", ["default"]), ("mlkd", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
+
+
+def test_wall_time_leaves_a_paused_epoch_out(tmp_path):
+    """A run's wall time is its median epoch's time times its epochs: an epoch that a pause stretched
+    (kill -STOP, a suspended laptop) does not count."""
+    fake_run(tmp_path, "paused", "cifar10", "baseline", "resnet20", 0, [50, 55, 60], seconds=[31.0, 3000.0, 30.0])
+    assert report.read_runs(str(tmp_path))[0]["seconds"] == 93.0
 
 
 def test_spearman_rank_correlation():
