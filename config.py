@@ -49,6 +49,7 @@ DEFAULTS = dict(
     seed=0,
     val_split=0,             # training images held out to choose the best epoch; 0: chosen on the test set
     val_file=None,           # a CIFAR batch file of validation images (instead of --val-split)
+    drop_last=False,         # True: each epoch's last, smaller batch is left out (the official codes keep it)
     data_root="./dataset",
     output_dir=None,         # None: runs/<data set>-<model(s)>-seed<seed>
     device="auto",           # auto: CUDA when available, else the CPU
@@ -74,6 +75,8 @@ NOT_IN_IDENTITY = ("device", "data_root", "val_file", "output_dir", "resume", "t
 # flags that may differ from the run being resumed: those, how long it trains, and its precision (a
 # run may move between a CPU and a GPU)
 MAY_CHANGE_ON_RESUME = NOT_IN_IDENTITY + ("epochs", "amp")
+# settings added since runs were first saved, with the value that a run saved before them trained with
+ADDED_SINCE = {"padding": "zeros", "drop_last": False}
 KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache", "teacher_cache", "teacher_cache_dir")
 
 
@@ -137,6 +140,10 @@ def get_args_parser(script):
                         help="a batch file in the data set's official python format (a dict of uint8 'data', "
                              "N x 3072, and 'labels', or 'fine_labels' for CIFAR-100) holding validation images "
                              "that are neither training nor test images: the best epoch is chosen on them")
+    parser.add_argument("--drop-last", action=argparse.BooleanOptionalAction,
+                        help="leave out each epoch's last batch when it is smaller than --batch-size: PKT and "
+                             "SP take a step many times larger on a small one (the official codes keep it) "
+                             "(default: off)")
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
                                             "(default: ./dataset)")
     parser.add_argument("--output-dir", help="where the run's files go (default: a folder under runs/ "
@@ -287,9 +294,10 @@ def with_data(cfg, data_sha256, resume):
 
 def run_identity(settings):
     """What decides a run's results: its settings (a Config's, or a saved args.json's), but those that
-    say only where it lives or how fast it goes (NOT_IN_IDENTITY). Two runs with the same identity
-    are the same experiment; sweep.py and report.py compare runs by it."""
-    return {key: value for key, value in settings.items() if key not in NOT_IN_IDENTITY}
+    say only where it lives or how fast it goes (NOT_IN_IDENTITY); a run saved before a setting of
+    ADDED_SINCE existed has the value it trained with. Two runs with the same identity are the same
+    experiment; sweep.py and report.py compare runs by it."""
+    return {**ADDED_SINCE, **{key: value for key, value in settings.items() if key not in NOT_IN_IDENTITY}}
 
 
 def is_method_flag(key):
@@ -423,7 +431,7 @@ def find_resume(resume, output_dir, script):
 def adopt_saved(values, typed, ckpt, path):
     """The saved config of the run in `path`, with the typed flags that may change on resume. A typed
     flag that would change the run is an error; one that may change is kept, and a note says so."""
-    saved = {key: value for key, value in ckpt["config"].items() if key != "resume"}
+    saved = {**ADDED_SINCE, **{key: value for key, value in ckpt["config"].items() if key != "resume"}}
     if "method" in saved:  # runs saved before settings per pair were resolved here hold None for them
         pair = default_hyperparameters(saved["method"], saved["teacher_arch"], saved["model"])
         saved.update({key: value for key, value in pair.items() if key in saved and saved[key] is None})
@@ -443,7 +451,6 @@ def adopt_saved(values, typed, ckpt, path):
             adopted[key] = typed.get(key)
     adopted["resume"] = values["resume"]
     adopted["output_dir"] = typed.get("output_dir", os.path.dirname(os.path.abspath(path)))
-    adopted.setdefault("padding", "zeros")  # runs saved before --padding padded with zeros
     for key, value in values.items():  # settings added since that checkpoint was written
         adopted.setdefault(key, value)
     if adopted["epochs"] < ckpt["epoch"]:

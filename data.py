@@ -246,8 +246,8 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train, seed=0, channels_last=False,
-                 rank=0, world_size=1, padding="zeros", positions=None):
-        self.images, self.labels, self.padding = images, labels, padding
+                 rank=0, world_size=1, padding="zeros", positions=None, drop_last=False):
+        self.images, self.labels, self.padding, self.drop_last = images, labels, padding, drop_last
         self.positions = torch.arange(len(labels), device=labels.device) if positions is None else positions
         self.negatives = 0  # other-class indices per sample: see add_negatives
         self.strong_view = False  # True: batches carry a strongly augmented second view (see _strong_view)
@@ -269,7 +269,7 @@ class DeviceLoader:
             lo, hi = self._slice(len(self.labels))
             return (hi - lo + self.batch_size - 1) // self.batch_size
         full, last = divmod(len(self.labels), self.batch_size)
-        return full + (last >= self.world_size)
+        return full + (last >= self.world_size and not self.drop_last)
 
     def unsharded_copy(self):
         """The same loader for one process, with its own generator in this one's state (so using
@@ -295,7 +295,7 @@ class DeviceLoader:
         order = torch.randperm(n, generator=self.generator, device=self.images.device)
         for start in range(0, n, self.batch_size):
             index = order[start:start + self.batch_size]
-            if len(index) < self.world_size:
+            if len(index) < (self.batch_size if self.drop_last else self.world_size):
                 break
             originals = self.images[index]
             batch, views = random_crop_flip(originals, self.generator, self.padding)
@@ -355,10 +355,14 @@ def make_loaders(cfg, device, rank=0, world_size=1):
         keep, held_out = class_balanced_split(train_y, cfg.val_split, cfg.seed, spec.num_classes)
         val_x, val_y = train_x[held_out], train_y[held_out]
         train_x, train_y = train_x[keep], train_y[keep]
+    if cfg.drop_last and len(train_y) < cfg.batch_size:
+        raise UserError(f"--drop-last leaves no batch: {len(train_y)} training images are fewer than --batch-size "
+                        f"{cfg.batch_size}.")
     common = dict(batch_size=cfg.batch_size, mean=spec.mean, std=spec.std, channels_last=cfg.channels_last,
                   rank=rank, world_size=world_size)
     loaders = {"train": DeviceLoader(train_x.to(device), train_y.to(device), train=True, seed=cfg.seed,
-                                     padding=cfg.padding, positions=keep.to(device), **common),
+                                     padding=cfg.padding, positions=keep.to(device), drop_last=cfg.drop_last,
+                                     **common),
                "test": DeviceLoader(test_x.to(device), test_y.to(device), train=False, **common)}
     if cfg.val_file or cfg.val_split:
         loaders["val"] = DeviceLoader(val_x.to(device), val_y.to(device), train=False, **common)

@@ -153,7 +153,7 @@ def variant(args):
 def comparable(args):
     """Whether a published number was trained with this run's settings: those of its method and recipe,
     for at least as many epochs."""
-    return not differences(args) and \
+    return not differences(args) and not args.get("drop_last") and \
         args["epochs"] >= official_recipe(args).get("epochs", RECIPES[args["dataset"]]["epochs"])
 
 

@@ -44,6 +44,10 @@ def main(argv=None):
         loaders["train"].add_negatives(method.negatives_per_sample)
     # at KD weight 0 the step is the baseline's, on the baseline's batches
     loaders["train"].strong_view = method.strong_view and cfg.kd_weight != 0
+    last_batch = len(loaders["train"].labels) % cfg.batch_size
+    if method.small_batch_steps and not cfg.drop_last and 0 < last_batch < cfg.batch_size / 4:
+        log(f"note: each epoch's last batch holds {last_batch} images; --method {cfg.method} takes a step many times "
+            f"larger on so small a batch, and --drop-last leaves it out")
 
     with claimed_output_dir(cfg.output_dir, resuming=resume is not None):  # locked while this run writes it
         if is_main() and method.has_stage and cfg.stage_cache:

@@ -67,6 +67,7 @@ class KDMethod(nn.Module):
     negatives_per_sample = 0   # > 0: the training loader adds that many other-class sample indices (CRD)
     default_ce_weight = 1.0    # the cross-entropy's weight unless --ce-weight is given
     replaces_classifier = False  # True: the student predicts through the method (classify), in training and tests
+    small_batch_steps = False  # True: a small batch's gradient is many times a full one's (train_kd.py notes it)
     # True: training batches carry a strongly augmented second view (data.DeviceLoader.strong_view); step()
     # then gets images as (weak, strong) and the teacher's outputs on the strong view as 'strong_<name>', and
     # may return the student's logits on both, (weak, strong), each of which gets the cross-entropy (MLKD)

@@ -19,6 +19,8 @@ class SimilarityPreserving(KDMethod):
     summary = "MSE of the row-normalised batch Gram matrices, averaged over the stages"
     weight_source = "seed zoo, RepDistiller"
     deviations = "every stage averaged (seed zoo); RepDistiller uses the last only"
+    # as PKT's (pkt.py), its N x N similarity matrix makes a small batch's step many times larger
+    small_batch_steps = True
     features = STAGES
     default_weight = 3000.0
 

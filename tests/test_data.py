@@ -167,6 +167,21 @@ def test_training_loader_is_seeded_and_normalises():
     assert torch.isclose(x.amin((0, 2, 3)), zero_level, atol=1e-5).all()
 
 
+def test_drop_last_leaves_out_the_smaller_last_batch():
+    """--drop-last: 100 images in batches of 32 give 3 full batches, a different 4 left out each
+    epoch; the full batches are those the loader draws without it."""
+    images, labels = position_images(100), torch.arange(100) % 10
+    mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
+    kept = DeviceLoader(images, labels, 32, mean, std, train=True, seed=0)
+    dropped = DeviceLoader(images, labels, 32, mean, std, train=True, seed=0, drop_last=True)
+    assert (len(kept), len(dropped)) == (4, 3)
+    first, second = list(dropped), list(dropped)
+    assert [len(batch[1]) for batch in first + second] == [32] * 6
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(first, list(kept)))  # the same samples, in the same order
+    left_out = [set(range(100)) - set(torch.cat([batch[2] for batch in epoch]).tolist()) for epoch in (first, second)]
+    assert [len(out) for out in left_out] == [4, 4] and left_out[0] != left_out[1]
+
+
 def test_evaluation_loader_is_not_augmented():
     images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(70) % 10

@@ -118,12 +118,16 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(teacher, cifar10_roo
               "--batch-size", 40, "--device", DEVICE, "--output-dir", out)
     run_script("train_kd.py", *common, "--epochs", 1)
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    del ckpt["config"]["stage_cache"], ckpt["config"]["padding"]  # as written before these existed
+    for key in ("stage_cache", "padding", "drop_last"):  # as written before these existed
+        del ckpt["config"][key]
     torch.save(ckpt, out / "last.pt")
     resumed = run_script("train_kd.py", *common, "--epochs", 2, "--resume", "auto")
     assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
     config = torch.load(out / "last.pt", weights_only=True)["config"]
     assert config["stage_cache"] is None and config["padding"] == "zeros"  # what runs before --padding did
+    assert config["drop_last"] is False  # and before --drop-last
+    proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--drop-last", check=False)
+    assert_user_error(proc, "--drop-last True differs from False")
     proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--T", 2, check=False)
     assert_user_error(proc, "--T 2.0 differs from 4.0")
     proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--ft-k", 1, check=False)

@@ -84,6 +84,21 @@ def test_stage_result_is_kept_only_where_asked_and_reused(teacher, cifar10_root,
     assert not (tmp_path / "blocked").exists()
 
 
+def test_a_small_last_batch_is_noted_for_pkt_and_left_out_with_drop_last(teacher, cifar10_root, tmp_path):
+    """200 images in batches of 64 leave a last batch of 8, on which PKT's step is many times a full
+    batch's: the run says so, and --drop-last leaves it out (and is part of the run's identity)."""
+    common = ("--teacher", teacher, "--method", "pkt", "--data-root", cifar10_root, "--student", "resnet8",
+              "--epochs", 1, "--batch-size", 64, "--device", DEVICE)
+    kept = run_script("train_kd.py", *common, "--output-dir", tmp_path / "kept")
+    assert "note: each epoch's last batch holds 8 images; --method pkt takes a step many times larger" in kept.stdout
+    dropped = run_script("train_kd.py", *common, "--output-dir", tmp_path / "dropped", "--drop-last")
+    assert "last batch" not in dropped.stdout
+    saved = [torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("kept", "dropped")]
+    assert [ckpt["config"]["drop_last"] for ckpt in saved] == [False, True]
+    st = run_script("train_kd.py", *common[:3], "st", *common[4:], "--output-dir", tmp_path / "st")
+    assert "last batch" not in st.stdout  # a per-sample loss: nothing to note
+
+
 def test_zero_kd_weight_equals_the_baseline_with_the_same_seed(teacher, cifar10_root, tmp_path):
     """The student starts from the baseline's weights and sees the baseline's batches, so with the
     KD term switched off the two runs are the same run."""
