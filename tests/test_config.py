@@ -156,3 +156,12 @@ def test_mlkd_takes_its_official_recipe_unless_given(tmp_path):
     assert mlkd(c100, "ShuffleV1", "--epochs", 24) == (0.01, 24, [15, 18, 21])  # scaled from the recipe
     assert mlkd(c100, "ShuffleV1", "--lr", 0.05, "--epochs", 240) == (0.05, 240, [150, 180, 210])
     assert resolve("kd", "--teacher", c100, "--student", "resnet8x4", "--method", "st", "--device", "cpu")[0].lr == 0.05
+
+
+def test_a_run_saved_before_a_setting_existed_has_the_value_it_trained_with():
+    """args.json of a run saved before --padding and --drop-last: its identity holds what it did
+    (zero padding, every batch kept), so a sweep resumes or skips it rather than calling it another
+    run, and one asking for reflection padding or --drop-last sees that it differs."""
+    old = {"dataset": "cifar10", "lr": 0.1, "output_dir": "runs/x"}
+    assert config.run_identity(old) == {"dataset": "cifar10", "lr": 0.1, "padding": "zeros", "drop_last": False}
+    assert config.run_identity({**old, "padding": "reflect", "drop_last": True})["drop_last"] is True
