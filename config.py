@@ -50,6 +50,7 @@ DEFAULTS = dict(
     val_split=0,             # training images held out to choose the best epoch; 0: chosen on the test set
     val_file=None,           # a CIFAR batch file of validation images (instead of --val-split)
     drop_last=False,         # True: each epoch's last, smaller batch is left out (the official codes keep it)
+    eval_every=1,            # epochs between evaluations (and the last epoch's); the best epoch is among them
     data_root="./dataset",
     output_dir=None,         # None: runs/<data set>-<model(s)>-seed<seed>
     device="auto",           # auto: CUDA when available, else the CPU
@@ -76,7 +77,7 @@ NOT_IN_IDENTITY = ("device", "data_root", "val_file", "output_dir", "resume", "t
 # run may move between a CPU and a GPU)
 MAY_CHANGE_ON_RESUME = NOT_IN_IDENTITY + ("epochs", "amp")
 # settings added since runs were first saved, with the value that a run saved before them trained with
-ADDED_SINCE = {"padding": "zeros", "drop_last": False}
+ADDED_SINCE = {"padding": "zeros", "drop_last": False, "eval_every": 1}
 KD_ONLY = ("teacher", "method", "ce_weight", "kd_weight", "stage_cache", "teacher_cache", "teacher_cache_dir")
 
 
@@ -144,6 +145,9 @@ def get_args_parser(script):
                         help="leave out each epoch's last batch when it is smaller than --batch-size: PKT and "
                              "SP take a step many times larger on a small one (the official codes keep it) "
                              "(default: off)")
+    parser.add_argument("--eval-every", type=positive(int), metavar="N",
+                        help="evaluate on the test and validation images every N epochs and at the last one; "
+                             "the best epoch is chosen among those (default: 1)")
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
                                             "(default: ./dataset)")
     parser.add_argument("--output-dir", help="where the run's files go (default: a folder under runs/ "

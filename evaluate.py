@@ -65,7 +65,9 @@ def main(argv=None):
     result = evaluate(load_predictor(path, device), loader, amp == "bf16")
     print(f"{path} on the {len(test_y):,} {spec.title} test images in {args.data_root}: top-1 {result['top1']:.2f} %, "
           f"top-5 {result['top5']:.2f} %, loss {result['loss']:.4f}")
-    if "epoch" in ckpt:  # last.pt's history has the loss too; best.pt has no history
+    if "epoch" in ckpt and ckpt["test_top1"] is None:
+        print(f"the run did not evaluate epoch {ckpt['epoch']} (--eval-every)")
+    elif "epoch" in ckpt:  # last.pt's history has the loss too; best.pt has no history
         row = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
         print(f"recorded by the run after epoch {ckpt['epoch']}: top-1 {ckpt['test_top1']:.2f} %, top-5 "
               f"{ckpt['test_top5']:.2f} %" + (f", loss {row['test_loss']:.4f}" if "test_loss" in row else ""))

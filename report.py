@@ -168,7 +168,8 @@ def read_runs(root):
             with open(os.path.join(folder, "args.json")) as f:
                 args = json.load(f)
             with open(os.path.join(folder, "metrics.csv")) as f:
-                rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+                # an empty cell: an epoch not evaluated (--eval-every)
+                rows = [{k: None if v == "" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
             changed, published_setting = variant(args), comparable(args)
             identity = {k: v for k, v in run_identity(args).items() if k != "seed"}
             seed, epochs, model = args["seed"], args["epochs"], args["model"]
@@ -183,16 +184,19 @@ def read_runs(root):
         if not rows:
             continue
         selector = "val_top1" if "val_top1" in rows[0] else "test_top1"
-        best = max(rows, key=lambda r: r[selector])  # the first epoch with the highest score
+        evaluated = [row for row in rows if row["test_top1"] is not None]
+        if not evaluated:
+            continue
+        best = max(evaluated, key=lambda r: r[selector])  # the first epoch with the highest score
         # a logit-standardised run is its own method in the table and in the published numbers
         method = args.get("method", "baseline") + ("+ls" if args.get("logit_stand") else "")
         runs.append({"folder": folder, "dataset": args["dataset"], "method": method, "variant": changed,
                      "kd_method": args.get("method"), "kd_weight": args.get("kd_weight"), "diverged": diverged,
-                     "val_top1": rows[-1].get("val_top1"),
+                     "val_top1": evaluated[-1].get("val_top1"),
                      "comparable": published_setting,
                      "label": f"{method} ({changed})" if changed else method, "epochs": epochs,
                      "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
-                     "complete": len(rows) >= epochs, "rows": rows, "last": rows[-1]["test_top1"],
+                     "complete": len(rows) >= epochs, "rows": rows, "last": evaluated[-1]["test_top1"],
                      "best": best["test_top1"], "selected_on": selector[:-5],
                      # an epoch slowed by a pause (kill -STOP, a suspended laptop) would inflate a sum
                      "seconds": statistics.median(r["seconds"] for r in rows) * epochs})
@@ -548,11 +552,12 @@ def plot(table, folder, curves=6):
         colours = plt.get_cmap("tab10").colors
         for i, row in enumerate(shown):
             epochs = min(len(r["rows"]) for r in row["runs"])
-            curve = [statistics.fmean(r["rows"][e][key] for r in row["runs"]) for e in range(epochs)]
+            points = [(e + 1, statistics.fmean(r["rows"][e][key] for r in row["runs"])) for e in range(epochs)
+                      if all(r["rows"][e][key] is not None for r in row["runs"])]  # the evaluated epochs
             # the baseline stands out; a method's variant (another weight) is dashed
             style = ({"color": "black", "linewidth": 2.5} if row["method"] == "baseline" else
                      {"color": colours[i % len(colours)], "linestyle": "--" if row["variant"] else "-"})
-            ax.plot(range(1, epochs + 1), curve, label=f"{row['label']} {row['model']} ({row['dataset']})", **style)
+            ax.plot(*zip(*points), label=f"{row['label']} {row['model']} ({row['dataset']})", marker=".", **style)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label + ", mean over seeds")
         ax.grid(alpha=0.3)

@@ -235,7 +235,7 @@ def last_val_top1(out):
     if os.path.exists(os.path.join(out, DIVERGED)):
         return None
     with open(os.path.join(out, "metrics.csv")) as f:
-        return float(list(csv.DictReader(f))[-1]["val_top1"])
+        return float(list(csv.DictReader(f))[-1]["val_top1"])  # a complete run's last epoch is evaluated
 
 
 def choose_weights(grid, root, tune_seed, failures):

@@ -21,7 +21,8 @@ enough to tell: the whole experiment, from the official CIFAR-10 files to the re
    stages shortened in proportion (--stage-epochs: the student's budget stays near the others');
    FT's paraphraser stage, which trains no student, keeps its 30 epochs; each epoch's last batch
    (8 of the 5,000 images) left out (--drop-last: PKT and SP took steps many times a full
-   batch's on it, which sank them 20 points). With --tune, each
+   batch's on it, which sank them 20 points); evaluated every --eval-every epochs and at the
+   last (best epochs chosen among those). With --tune, each
    method's KD weight tuned on the validation images (sweep.py --tune: its default and the
    factors' weights on the first seed, the best on every seed). --jobs runs that many at once.
 4. report.py on the sweep (tables and plots: test top-1 is top-1 on the 10,000 evaluation images),
@@ -72,6 +73,9 @@ def get_args(argv=None):
     p.add_argument("--tune", type=positive(float), nargs="*", default=[0.1, 1, 10], metavar="FACTOR",
                    help="sweep.py --tune: the factors of each method's default KD weight tried (none: no tuning)")
     p.add_argument("--jobs", type=positive(int), default=1, help="sweep.py --jobs: runs at once")
+    p.add_argument("--eval-every", type=positive(int), default=3,
+                   help="the students' epochs between evaluations on the 20,000 test and validation images, "
+                        "which cost about as much as an epoch's training on a CPU (default: 3)")
     p.add_argument("--stage-epochs", type=positive(int), default=4,
                    help="epochs of the AB and FSP stages, which train the student before its --epochs (their "
                         "defaults, 50, precede 200 epochs)")
@@ -184,6 +188,7 @@ def main(argv=None):
         "--output-root", sweep, "--teacher-cache", "on", "--jobs", args.jobs,
         *(["--tune", *args.tune] if args.tune else []),
         "--", "--epochs", args.epochs, "--val-file", os.path.abspath(validation), "--drop-last",
+        "--eval-every", args.eval_every,
         *[x for method in ("ab", "fsp") if method in args.methods for x in (f"--{method}-epochs", args.stage_epochs)],
         *args.script_args)
     run("report.py", sweep)

@@ -106,9 +106,10 @@ DIVERGED = "diverged.json"
 
 
 def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
-    """The epoch loop: train, step the LR, evaluate, record a row of metrics.csv, save last.pt and
-    best.pt. loaders: 'train', 'test' and maybe 'val'; the best epoch is chosen on 'val' when it is
-    there, else on the test set (and the checkpoint says which). checkpoint_info: plain-typed
+    """The epoch loop: train, step the LR, evaluate (every cfg.eval_every epochs and at the last),
+    record a row of metrics.csv, save last.pt and best.pt. loaders: 'train', 'test' and maybe 'val';
+    the best epoch is chosen among the evaluated ones on 'val' when it is there, else on the test set
+    (and the checkpoint says which). checkpoint_info: plain-typed
     fields stored in every checkpoint. resume: (checkpoint, path) of a last.pt, or None. Under
     torchrun the task trains in DistributedDataParallel; rank 0 alone logs and writes."""
     train_loader, amp = loaders["train"], cfg.amp == "bf16"
@@ -126,7 +127,7 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
         if is_main():
             write_csv(history, metrics_path)  # drops any row written after that checkpoint
         log(f"resumed from {path} after epoch {ckpt['epoch']}")
-    test = None
+    test = None  # the last evaluated epoch's
     with StopOnSignal() as stop:
         for epoch in range(first_epoch, cfg.epochs + 1):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
@@ -141,27 +142,29 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
                 exit_on_signal(stop.signum, epoch, last_path)
             share_buffers(task)
             scheduler.step()
-            test = evaluate(task.predictor(), loaders["test"], amp)
-            val = evaluate(task.predictor(), loaders["val"], amp) if "val" in loaders else None
-            bad = first_non_finite(task, {"test": test, "validation": val})
+            epoch_test, val = None, None
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                test = epoch_test = evaluate(task.predictor(), loaders["test"], amp)
+                val = evaluate(task.predictor(), loaders["val"], amp) if "val" in loaders else None
+            bad = first_non_finite(task, {"test": epoch_test, "validation": val})
             if bad:  # a diverged model is never saved, as last.pt nor as best.pt
                 diverged(cfg.output_dir, epoch, f"Epoch {epoch} ended with {bad}, so the run stopped without saving "
                                                 f"it ({kept(epoch, last_path)}); check --lr and the KD weights.")
-            row = metrics_row(epoch, lr, train, test, val, time.perf_counter() - start)
+            row = metrics_row(epoch, lr, train, epoch_test, val, "val" in loaders, time.perf_counter() - start)
             history.append(row)
-            improved = (val or test)["top1"] > best["top1"]
+            improved = epoch_test is not None and (val or epoch_test)["top1"] > best["top1"]
             if improved:
-                best = {"top1": (val or test)["top1"], "epoch": epoch}
+                best = {"top1": (val or epoch_test)["top1"], "epoch": epoch}
             log(epoch_line(row, cfg.epochs) + (" *" if improved else ""))
             generators = generator_states(train_loader)  # every process's: a collective under torchrun
             if is_main():
-                fields = {"epoch": epoch, "test_top1": test["top1"], "test_top5": test["top5"],
-                          "val_top1": None if val is None else val["top1"], "best_top1": best["top1"],
+                fields = {"epoch": epoch, "test_top1": row["test_top1"], "test_top5": row["test_top5"],
+                          "val_top1": row.get("val_top1"), "best_top1": best["top1"],
                           "best_epoch": best["epoch"], "selected_on": selected_on, "history": history}
                 save_epoch(epoch_checkpoint(task, optimizer, scheduler, generators, checkpoint_info, fields),
                            cfg.output_dir, improved)
                 append_csv_row(row, metrics_path)
-    if test is None:
+    if first_epoch > cfg.epochs:
         log(f"nothing to do: {last_path} already holds epoch {first_epoch - 1} of {cfg.epochs}")
         return None, best
     check_replicas(task)
@@ -197,14 +200,15 @@ def kept(epoch, last_path):
     return "no epoch was saved" if epoch == 1 else f"{last_path} holds epoch {epoch - 1}"
 
 
-def metrics_row(epoch, lr, train, test, val, seconds):
-    """One row of metrics.csv: every training term as it enters the total, then the evaluations."""
+def metrics_row(epoch, lr, train, test, val, validating, seconds):
+    """One row of metrics.csv: every training term as it enters the total, then the evaluations (None,
+    an empty cell, in an epoch that was not evaluated)."""
     row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"]}
     row.update({f"train_{name}": train[name] for name in train if name not in ("loss", "top1")})
-    row.update({"train_top1": train["top1"], "test_loss": test["loss"], "test_top1": test["top1"],
-                "test_top5": test["top5"]})
-    if val is not None:
-        row["val_top1"] = val["top1"]
+    row["train_top1"] = train["top1"]
+    row.update({f"test_{key}": None if test is None else test[key] for key in ("loss", "top1", "top5")})
+    if validating:
+        row["val_top1"] = None if val is None else val["top1"]
     row["seconds"] = round(seconds, 3)
     return row
 
@@ -212,7 +216,8 @@ def metrics_row(epoch, lr, train, test, val, seconds):
 def epoch_line(row, epochs):
     terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in row.items()
                      if k.startswith("train_") and k not in ("train_loss", "train_top1"))
+    evaluation = "not evaluated" if row["test_top1"] is None else \
+        (f"test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f} top5 {row['test_top5']:.2f}" +
+         (f" | val top1 {row['val_top1']:.2f}" if "val_top1" in row else ""))
     return (f"epoch {row['epoch']:3d}/{epochs} lr {row['lr']:.4g} | train loss {row['train_loss']:.4f} ({terms}) "
-            f"top1 {row['train_top1']:.2f} | test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f} "
-            f"top5 {row['test_top5']:.2f}" + (f" | val top1 {row['val_top1']:.2f}" if "val_top1" in row else "")
-            + f" | {row['seconds']:.1f}s")
+            f"top1 {row['train_top1']:.2f} | {evaluation} | {row['seconds']:.1f}s")

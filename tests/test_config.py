@@ -159,9 +159,11 @@ def test_mlkd_takes_its_official_recipe_unless_given(tmp_path):
 
 
 def test_a_run_saved_before_a_setting_existed_has_the_value_it_trained_with():
-    """args.json of a run saved before --padding and --drop-last: its identity holds what it did
-    (zero padding, every batch kept), so a sweep resumes or skips it rather than calling it another
-    run, and one asking for reflection padding or --drop-last sees that it differs."""
+    """args.json of a run saved before --padding, --drop-last and --eval-every: its identity holds what
+    it did (zero padding, every batch kept, every epoch evaluated), so a sweep resumes or skips it
+    rather than calling it another run, and one asking for reflection padding or --drop-last sees
+    that it differs."""
     old = {"dataset": "cifar10", "lr": 0.1, "output_dir": "runs/x"}
-    assert config.run_identity(old) == {"dataset": "cifar10", "lr": 0.1, "padding": "zeros", "drop_last": False}
+    assert config.run_identity(old) == {"dataset": "cifar10", "lr": 0.1, "padding": "zeros", "drop_last": False,
+                                        "eval_every": 1}
     assert config.run_identity({**old, "padding": "reflect", "drop_last": True})["drop_last"] is True

@@ -118,14 +118,14 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(teacher, cifar10_roo
               "--batch-size", 40, "--device", DEVICE, "--output-dir", out)
     run_script("train_kd.py", *common, "--epochs", 1)
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    for key in ("stage_cache", "padding", "drop_last"):  # as written before these existed
+    for key in ("stage_cache", "padding", "drop_last", "eval_every"):  # as written before these existed
         del ckpt["config"][key]
     torch.save(ckpt, out / "last.pt")
     resumed = run_script("train_kd.py", *common, "--epochs", 2, "--resume", "auto")
     assert "resumed from" in resumed.stdout and "after epoch 1" in resumed.stdout
     config = torch.load(out / "last.pt", weights_only=True)["config"]
     assert config["stage_cache"] is None and config["padding"] == "zeros"  # what runs before --padding did
-    assert config["drop_last"] is False  # and before --drop-last
+    assert config["drop_last"] is False and config["eval_every"] == 1  # and before --drop-last, --eval-every
     proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--drop-last", check=False)
     assert_user_error(proc, "--drop-last True differs from False")
     proc = run_script("train_kd.py", *common, "--epochs", 3, "--resume", "auto", "--T", 2, check=False)

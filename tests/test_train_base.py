@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY, assert_user_error, run_script
 from data import DATASETS, DeviceLoader, load_cifar
+import report
 from engine import evaluate
 from models import build_model
 
@@ -60,6 +61,25 @@ def test_same_seed_gives_identical_results(base_run, cifar10_root, tmp_path):
     a = torch.load(os.path.join(out, "last.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(again, "last.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch(base_run, cifar10_root, tmp_path):
+    """--eval-every 2 over 3 epochs evaluates epochs 2 and 3; epoch 1's cells are empty, and its
+    training is the same as with every epoch evaluated. The report reads such a run."""
+    out, again = str(tmp_path / "sparse"), str(tmp_path / "dense")
+    common = ("--data-root", cifar10_root, "--seed", 5, "--val-split", 20, *TINY[2:], "--epochs", 3)
+    proc = run_script("train_base.py", *common, "--eval-every", 2, "--output-dir", out)
+    run_script("train_base.py", *common, "--output-dir", again)
+    rows, dense = read_metrics(os.path.join(out, "metrics.csv")), read_metrics(os.path.join(again, "metrics.csv"))
+    assert [r["test_top1"] == "" for r in rows] == [True, False, False]
+    assert rows[0]["val_top1"] == rows[0]["test_loss"] == "" and "not evaluated" in proc.stdout
+    for key in ("train_loss", "test_top1", "val_top1"):  # evaluating changes no training
+        assert [r[key] for r in rows[1:]] == [r[key] for r in dense[1:]]
+    best = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert best["epoch"] in (2, 3) and float(rows[best["epoch"] - 1]["val_top1"]) == best["best_top1"]
+    (run,) = report.read_runs(out)
+    assert run["last"] == float(rows[-1]["test_top1"]) and run["best"] == best["test_top1"]
+    assert json.load(open(os.path.join(out, "args.json")))["eval_every"] == 2
 
 
 def test_cifar100_trains(cifar100_root, tmp_path):
