@@ -16,8 +16,8 @@ top-1 (the epoch chosen on the validation images when the runs had them, else on
 itself, and the column says which), the gain of the last-epoch mean over the baseline with the same
 settings, the published number where there is one (marked as not comparable unless the row has the
 settings it was trained with, for at least as many epochs), and the mean wall time per run (its
-median epoch's time times its epochs: a paused epoch does not count; stages and the teacher cache's
-build are left out).
+median epoch's time times its epochs, evaluated epochs and the others apart: a paused epoch does
+not count; stages and the teacher cache's build are left out).
 Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
 sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
 counted in its row's note; one that stopped on an error (its log.txt, which a sweep's runs write,
@@ -198,9 +198,19 @@ def read_runs(root):
                      "model": model, "teacher": args.get("teacher_arch"), "seed": seed, "identity": identity,
                      "complete": len(rows) >= epochs, "rows": rows, "last": evaluated[-1]["test_top1"],
                      "best": best["test_top1"], "selected_on": selector[:-5],
-                     # an epoch slowed by a pause (kill -STOP, a suspended laptop) would inflate a sum
-                     "seconds": statistics.median(r["seconds"] for r in rows) * epochs})
+                     "seconds": wall_time(rows, epochs)})
     return runs
+
+
+def wall_time(rows, epochs):
+    """A run's seconds for `epochs` epochs: per kind of epoch (evaluated or not, --eval-every), the
+    median epoch's time times their number, so that an epoch slowed by a pause (kill -STOP, a
+    suspended laptop) does not count."""
+    kinds = defaultdict(list)
+    for row in rows:
+        kinds[row["test_top1"] is not None].append(row["seconds"])
+    share = epochs / len(rows)  # an unfinished run: what all its epochs would take
+    return sum(statistics.median(seconds) * len(seconds) * share for seconds in kinds.values())
 
 
 def failed_runs(root):

@@ -534,10 +534,14 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
 
 
 def test_wall_time_leaves_a_paused_epoch_out(tmp_path):
-    """A run's wall time is its median epoch's time times its epochs: an epoch that a pause stretched
-    (kill -STOP, a suspended laptop) does not count."""
+    """A run's wall time is its median epoch's time times its epochs (evaluated and other epochs
+    apart): an epoch that a pause stretched (kill -STOP, a suspended laptop) does not count."""
     fake_run(tmp_path, "paused", "cifar10", "baseline", "resnet20", 0, [50, 55, 60], seconds=[31.0, 3000.0, 30.0])
     assert report.read_runs(str(tmp_path))[0]["seconds"] == 93.0
+    # --eval-every: evaluated epochs (here 3 and 5) and the others each by their own median
+    fake_run(tmp_path, "sparse", "cifar10", "baseline", "resnet20", 1, ["", "", 50, "", 60],
+             seconds=[10.0, 11.0, 20.0, 900.0, 22.0])
+    assert {run["folder"][-6:]: run["seconds"] for run in report.read_runs(str(tmp_path))}["sparse"] == 75.0
 
 
 def test_spearman_rank_correlation():
