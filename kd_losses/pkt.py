@@ -24,8 +24,8 @@ class ProbabilisticKT(KDMethod):
     summary = "KL(teacher ‖ student) of the batch's cosine-similarity distributions (`(cos+1)/2`, rows normalised)"
     weight_source = "seed zoo; RepDistiller and mdistiller use 30000 on CIFAR-100"
     deviations = "as the reference code: self-pairs included, mean over N² entries, eps 1e-6 (RepDistiller: 1e-7)"
-    # its batch's similarity matrix is averaged over N x N entries: on the students' 8-image last batch
-    # of 5,000 images, PKT's gradient was 120x and SP's 16x a 128-image batch's (per-sample losses: ~3x)
+    # its batch's similarity matrix is averaged over N x N entries: on 8 images its gradient is 96x its
+    # norm on 128 (SP's 19x, every other method's 0.5 to 4.7x: benchmarks/small_batch.py)
     small_batch_steps = True
     features = ("pool",)
     default_weight = 10000.0

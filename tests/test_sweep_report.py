@@ -550,3 +550,15 @@ def test_spearman_rank_correlation():
     assert report.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert report.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
     assert report.spearman([1], [2]) is None and report.spearman([1, 1], [1, 2]) is None
+
+
+def test_small_batch_benchmark_shows_pkt_and_sp_grow_on_a_small_batch(teacher, cifar10_root, capsys):
+    """benchmarks/small_batch.py: PKT's and SP's gradients on 8 images are many times their norm on
+    128, as their N x N averages make them; a per-sample loss's grows by about sqrt(128 / 8) = 4."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import small_batch
+    small_batch.main(["--teacher", str(teacher), "--data-root", cifar10_root, "--student", "resnet8",
+                      "--methods", "pkt", "sp", "st"])
+    ratios = {line.split(" | ")[0][2:]: float(line.split(" | ")[-1].rstrip(" |"))
+              for line in capsys.readouterr().out.splitlines()[2:]}
+    assert ratios["pkt"] > 10 and ratios["sp"] > 8 and ratios["st"] < 6, ratios  # here 22, 16 and 0.9
