@@ -109,9 +109,9 @@ def fit(task, optimizer, scheduler, loaders, cfg, checkpoint_info, resume=None):
     """The epoch loop: train, step the LR, evaluate (every cfg.eval_every epochs and at the last),
     record a row of metrics.csv, save last.pt and best.pt. loaders: 'train', 'test' and maybe 'val';
     the best epoch is chosen among the evaluated ones on 'val' when it is there, else on the test set
-    (and the checkpoint says which). checkpoint_info: plain-typed
-    fields stored in every checkpoint. resume: (checkpoint, path) of a last.pt, or None. Under
-    torchrun the task trains in DistributedDataParallel; rank 0 alone logs and writes."""
+    (and the checkpoint says which). checkpoint_info: plain-typed fields stored in every checkpoint.
+    resume: (checkpoint, path) of a last.pt, or None. Under torchrun the task trains in
+    DistributedDataParallel; rank 0 alone logs and writes."""
     train_loader, amp = loaders["train"], cfg.amp == "bf16"
     trainer = wrap_for_processes(task, train_loader.labels.device, cfg.sync_bn)
     selected_on = "val" if "val" in loaders else "test"
