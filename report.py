@@ -25,9 +25,10 @@ ends with an 'error:' line), diverged ones with no saved epoch included, is list
 with that line.
 When RUNS holds sweep.py's tuning.json (sweep.py --tune), a summary gives each method on one line,
 its default-weight and tuned rows side by side (or the error that stopped it), and a table each
-method's tuning runs (validation top-1, and test top-1 for comparison only), the weight chosen on the validation
-images, and how well the validation images' ranking agrees with the test images'; the chosen
-weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear there only.
+method's tuning runs (validation top-1, and test top-1 for comparison only), the weight chosen on
+the validation images, and how well the validation images' ranking agrees with the test images';
+the chosen weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear
+there only.
 Plots (need matplotlib): gains.png, each method's gain over the baseline with its standard error,
 sorted; test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows
 with the best last-epoch top-1.
@@ -153,6 +154,7 @@ def variant(args):
 def comparable(args):
     """Whether a published number was trained with this run's settings: those of its method and recipe,
     for at least as many epochs."""
+    # --drop-last labels no row (it is one setting of a whole sweep), but no published run left a batch out
     return not differences(args) and not args.get("drop_last") and \
         args["epochs"] >= official_recipe(args).get("epochs", RECIPES[args["dataset"]]["epochs"])
 
@@ -268,7 +270,8 @@ def summarise(runs):
         table.append({"dataset": dataset, "epochs": epochs, "method": method, "variant": changed, "label": labels[key],
                       "model": model, "teacher": teacher, "runs": group, "comparable": first["comparable"],
                       "seeds": sorted(r["seed"] for r in group), "last": last, "best": best,
-                      "gain": gain, "baseline": None if gain is None else base_label, "diverged": sum(r["diverged"] is not None for r in group),
+                      "gain": gain, "baseline": None if gain is None else base_label,
+                      "diverged": sum(r["diverged"] is not None for r in group),
                       "selected_on": "/".join(sorted({r["selected_on"] for r in group})),
                       "published": published, "seconds": statistics.fmean(r["seconds"] for r in group),
                       "incomplete": sum(not r["complete"] for r in group), "duplicates": duplicates})
@@ -447,8 +450,7 @@ def method_summary_markdown(table, failed, tuning):
     over = "" if baseline is None else f" ({fmt(*baseline['last'])})"
     lines = [f"Each method at its default KD weight and at the weight tuned on validation images: last-epoch "
              f"test top-1, mean ± std over {seeds or '?'} seed{'s' * (seeds != 1)} unless marked, and the gain over "
-             f"the baseline"
-             f"{over} ± its standard error.", "",
+             f"the baseline{over} ± its standard error.", "",
              "| method | default weight | top-1 | gain | tuned weight | top-1 | gain | wall time per run |",
              "|---|---|---|---|---|---|---|---|"]
     for method in sorted(set(tuning["methods"]) | {m for m in errors if m in METHODS}, key=order):

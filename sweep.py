@@ -22,9 +22,9 @@ that may have been chosen on the test set); the other runs then go one after ano
 device, or on several GPUs at once (one run per GPU, --gpus). The KD runs that can read the
 teacher cache go first, those that read the teacher's pooled vector before those that read its
 logits alone, so that the cache the first one builds (--teacher-cache) serves all the others; when
-several runs go at once, that first run goes alone (unless it resumes: its cache exists). --jobs N runs N at once per GPU, or on the CPU,
-each with 1/N of its cores (on a 2-core CPU, two single-threaded runs gave 1.11x the runs per hour
-of one run with both threads: docs/results.md).
+several runs go at once, that first run goes alone (unless it resumes: its cache exists). --jobs N
+runs N at once per GPU, or on the CPU, each with 1/N of its cores (on a 2-core CPU, two
+single-threaded runs gave 1.11x the runs per hour of one run with both threads: docs/results.md).
 
 --tune FACTOR... tunes each method's KD weight on validation images (--val-file or --val-split
 after --, never the test images): on --tune-seed, each method also trains at its default weight
@@ -485,8 +485,8 @@ def run_slots(gpus, jobs, cores):
 
 
 def builds_cache(job, first_method):
-    """Whether `job` may build its seed's teacher cache: a fresh run of the cache's first reader (a
-    resumed one built it before its first epoch)."""
+    """Whether `job` may build the teacher cache (one serves every seed): a fresh run of the cache's
+    first reader (a resumed one built it before its first epoch)."""
     _, command, resume = job
     return not resume and "--method" in command and command[command.index("--method") + 1] == first_method
 
