@@ -392,8 +392,8 @@ def tuning_markdown(rows, tuning):
         for weight, val, test in tried:
             score = "diverged" if val is None else f"{val:.2f} ({'–' if test is None else f'{test:.2f}'})"
             cells.append(f"**{weight:g}**: {score}" if weight == chosen else f"{weight:g}: {score}")
-        lines.append(f"| {method} | {default:g} | {' · '.join(cells)} | "
-                     f"{'none (every run diverged)' if chosen is None else f'{chosen:g}'} |")
+        chosen_text = chosen_cell(chosen, [weight for weight, _, _ in tried])
+        lines.append(f"| {method} | {default:g} | {' · '.join(cells)} | {chosen_text} |")
         scored = [(val, test) for _, val, test in tried if val is not None and test is not None]
         if chosen is None or len(scored) < len(tried) or len(tried) < 2:  # no ranking to compare
             continue
@@ -415,6 +415,17 @@ def tuning_markdown(rows, tuning):
             text += f"; over all {len(pooled)} of those runs together: {rho:.2f}"
         lines += ["", text + "."]
     return "\n".join(lines) + "\n"
+
+
+def chosen_cell(chosen, weights):
+    """The chosen weight, and whether it is the smallest or largest of the `weights` tried: the best may
+    then lie beyond them."""
+    if chosen is None:
+        return "none (every run diverged)"
+    weights = sorted(weights)
+    if len(weights) > 1 and chosen in (weights[0], weights[-1]):
+        return f"{chosen:g} (the {'smallest' if chosen == weights[0] else 'largest'} tried)"
+    return f"{chosen:g}"
 
 
 def method_summary_markdown(table, failed, tuning):
@@ -469,7 +480,8 @@ def method_summary_markdown(table, failed, tuning):
         elif entry["chosen"] == entry["default"]:
             tuned = (f"{entry['chosen']:g} (the default)", "=", "=")
         else:
-            tuned = (f"{entry['chosen']:g}", *cells(rows[method].get("tuned")))
+            tuned = (chosen_cell(entry["chosen"], [run["kd_weight"] for run in entry["runs"]]),
+                     *cells(rows[method].get("tuned")))
         lines.append(f"| {default['label']} | {weight} | {' | '.join(cells(default))} | {' | '.join(tuned)} | "
                      f"{default['seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"

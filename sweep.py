@@ -31,6 +31,10 @@ after --, never the test images): on --tune-seed, each method also trains at its
 times each FACTOR (in RUN-kd-weight-W folders); once every such run is done, the weight whose run
 has the best validation top-1 in its last epoch (the one nearest the default on a tie; a run that
 diverged never wins) is chosen, written to OUTPUT_ROOT/tuning.json, and trained on every seed.
+--tune-widen N: where that best weight is the grid's smallest or largest, the grid goes one step
+further that way (the step: the ratio of the two outermost weights on that side) and the runs of
+the new weight are scored too, up to N times per method, so that a best weight at the grid's edge
+is not taken for the best there is.
 Then: python report.py <output-root>.
 """
 import argparse
@@ -88,6 +92,9 @@ def get_args_parser():
     parser.add_argument("--tune", type=positive(float), nargs="+", metavar="FACTOR",
                         help="tune each method's KD weight over its default times these factors (1 is always "
                              "tried), on the validation images, and train every seed at the best")
+    parser.add_argument("--tune-widen", type=non_negative(int), default=0, metavar="N",
+                        help="where a method's best weight is at an end of its grid, try one step beyond it, up to N "
+                             "times (default: 0, the factors alone)")
     parser.add_argument("--tune-seed", type=seed_value, help="the seed of the tuning runs (default: the first of "
                                                               "--seeds)")
     parser.add_argument("--rerun", action="store_true",
@@ -228,6 +235,34 @@ def chosen_weight(scores, default):
     if not finite:
         return None
     return max(finite, key=lambda w: (finite[w], -abs(math.log(w / default)) if w and default else 0))
+
+
+def widened_weight(scores, default):
+    """The weight one grid step beyond the end of the grid where its best weight lies (scores: {weight:
+    validation top-1, or None for a run that diverged}; the step is the ratio of the two outermost
+    weights on that side), rounded as grid_weights rounds; None when the best lies inside the grid,
+    none can be chosen, or the grid has a single weight."""
+    best, weights = chosen_weight(scores, default), sorted(scores)
+    if best is None or len(weights) < 2 or best not in (weights[0], weights[-1]):
+        return None
+    step = weights[1] / weights[0] if best == weights[0] else weights[-2] / weights[-1]
+    return float(f"{best / step:.6g}")
+
+
+def widen_grid(args, root, grid, failures):
+    """Adds to `grid` a weight beyond its end for each method whose best weight lies there (widened_weight)
+    and whose tuning runs all finished; returns the jobs of those weights."""
+    added = []
+    for method, (default, runs) in grid.items():
+        if any(out in failures for out, _ in runs.values()):
+            continue
+        weight = widened_weight({w: last_val_top1(out) for w, (out, _) in runs.items()}, default)
+        if weight is not None and weight not in runs:
+            runs[weight] = kd_job(args, root, method, args.tune_seed, weight)
+            print(f"widen  {method}: its best weight is at the end of its grid; trying kd weight {weight:g}",
+                  flush=True)
+            added.append(runs[weight])
+    return added
 
 
 def last_val_top1(out):
@@ -425,6 +460,8 @@ def main(argv=None):
     if args.tune and "--kd-weight" in {token.split("=")[0] for token in args.script_args}:
         raise UserError("--tune tries each method's default KD weight times its factors; --kd-weight after -- "
                         "would set one weight for every method: give one or the other.")
+    if args.tune_widen and not args.tune:
+        raise UserError("--tune-widen widens the grid of KD weights that --tune tries: give --tune too.")
     if args.tune and args.tune_seed not in args.seeds:
         raise UserError(f"--tune-seed {args.tune_seed} is not one of --seeds {args.seeds}: the tuning runs at the "
                         f"default weight are that seed's runs.")
@@ -464,6 +501,11 @@ def main(argv=None):
         first = [job for job in default_jobs if job[0].endswith(f"-seed{args.tune_seed}")]
         failures = run_all(runner, check_jobs(first + tuning + [j for j in default_jobs if j not in first],
                                               args.rerun), slots, args.methods, args.teacher_cache != "off")
+        for _ in range(args.tune_widen if grid else 0):
+            wider = widen_grid(args, root, grid, failures) if runner.signum is None else []
+            if not wider:
+                break
+            failures += run_all(runner, check_jobs(wider, args.rerun), slots, args.methods, cache=False)
         if grid and runner.signum is None:
             chosen = choose_weights(grid, root, args.tune_seed, failures)
             tuned = [kd_job(args, root, method, seed, weight) for seed in args.seeds

@@ -24,7 +24,8 @@ enough to tell: the whole experiment, from the official CIFAR-10 files to the re
    batch's on it, which sank them 20 points); evaluated every --eval-every epochs and at the
    last (best epochs chosen among those). With --tune, each
    method's KD weight tuned on the validation images (sweep.py --tune: its default and the
-   factors' weights on the first seed, the best on every seed). --jobs runs that many at once.
+   factors' weights on the first seed, one step further where the best is at the grid's end, up
+   to --tune-widen times, and the best on every seed). --jobs runs that many at once.
 4. report.py on the sweep (tables and plots: test top-1 is top-1 on the 10,000 evaluation images),
    and every reported run's last and best checkpoints evaluated on the official test images
    (WORK/sweep/official_test.md). --publish copies the reports and the plots to a folder.
@@ -49,7 +50,7 @@ import report  # noqa: E402
 from data import DATASETS, DeviceLoader, load_cifar  # noqa: E402
 from engine import evaluate, load_predictor  # noqa: E402
 from kd_losses import METHODS  # noqa: E402
-from utils import positive, run_main  # noqa: E402
+from utils import non_negative, positive, run_main  # noqa: E402
 
 SPEC = DATASETS["cifar10"]
 
@@ -72,6 +73,8 @@ def get_args(argv=None):
                    help="validation images per class (they choose best epochs and KD weights)")
     p.add_argument("--tune", type=positive(float), nargs="*", default=[0.1, 1, 10], metavar="FACTOR",
                    help="sweep.py --tune: the factors of each method's default KD weight tried (none: no tuning)")
+    p.add_argument("--tune-widen", type=non_negative(int), default=2, metavar="N",
+                   help="sweep.py --tune-widen: where a best weight is at an end of its grid, up to N steps beyond")
     p.add_argument("--jobs", type=positive(int), default=1, help="sweep.py --jobs: runs at once")
     p.add_argument("--eval-every", type=positive(int), default=3,
                    help="the students' epochs between evaluations on the 20,000 test and validation images, "
@@ -186,7 +189,7 @@ def main(argv=None):
     run("sweep.py", "--data-root", students_root, "--teacher-checkpoint", os.path.join(teacher, "last.pt"),
         "--teacher", args.teacher, "--student", args.student, "--methods", *args.methods, "--seeds", *args.seeds,
         "--output-root", sweep, "--teacher-cache", "on", "--jobs", args.jobs,
-        *(["--tune", *args.tune] if args.tune else []),
+        *(["--tune", *args.tune, "--tune-widen", args.tune_widen] if args.tune else []),
         "--", "--epochs", args.epochs, "--val-file", os.path.abspath(validation), "--drop-last",
         "--eval-every", args.eval_every,
         *[x for method in ("ab", "fsp") if method in args.methods for x in (f"--{method}-epochs", args.stage_epochs)],

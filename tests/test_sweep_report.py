@@ -251,8 +251,8 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "kd_evidence.py"), "--cifar10", cifar10_root,
             "--work", work, "--teacher", "resnet8", "--teacher-epochs", 1, "--student", "resnet8", "--epochs", 1,
             "--seeds", 0, 1, "--methods", "st", "at", "--per-class", 2, "--eval-per-class", 1, "--val-per-class", 1,
-            "--tune", 0.5, 4, "--jobs", 2, "--publish", tmp_path / "published", "--", "--batch-size", 20,
-            "--device", DEVICE]
+            "--tune", 0.5, 4, "--tune-widen", 1, "--jobs", 2, "--publish", tmp_path / "published", "--",
+            "--batch-size", 20, "--device", DEVICE]
     first = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     train_x, train_y, test_x, test_y = load_cifar("cifar10", str(work / "data" / "students"), download=False)
@@ -271,7 +271,10 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     for method, entry in tuning["methods"].items():
         scores = {run["kd_weight"]: run["val_top1"] for run in entry["runs"]}
         default = entry["default"]
-        assert sorted(scores) == sorted([default, default * 0.5, default * 4])
+        grid = {weight: score for weight, score in scores.items() if weight in (default, default * 0.5, default * 4)}
+        assert len(grid) == 3  # and one step beyond the end where the best of those lies
+        beyond = sweep.widened_weight(grid, default)
+        assert sorted(scores) == sorted([*grid, *([beyond] if beyond is not None else [])])
         for run in entry["runs"]:  # each score is that run's last validation top-1
             with open(work / "sweep" / run["folder"] / "metrics.csv") as f:
                 assert float(list(csv.DictReader(f))[-1]["val_top1"]) == run["val_top1"]
@@ -405,7 +408,9 @@ def test_sweep_refusals_come_before_anything_trains(teacher, cifar10_root, tmp_p
              (("--methods", "st", "--tune", 0.1, "--", "--kd-weight", 0.5, "--val-split", 10),
               "--kd-weight after -- would set one weight for every method"),
              (("--methods", "st", "--tune", 0.1, "--tune-seed", 5, "--", "--val-split", 10),
-              "--tune-seed 5 is not one of --seeds [0, 1]")]
+              "--tune-seed 5 is not one of --seeds [0, 1]"),
+             (("--methods", "st", "--tune-widen", 1, "--", "--val-split", 10), "--tune-widen widens the grid of KD "
+                                                                               "weights that --tune tries")]
     for flags, message in cases:
         proc = run_script("sweep.py", *common, *flags, check=False)
         assert_user_error(proc, message)
@@ -420,6 +425,39 @@ def test_the_tuner_chooses_on_validation_scores():
     assert sweep.chosen_weight({1.0: 50.0, 0.1: 60.0, 100.0: 60.0}, 1.0) == 0.1  # a tie: the nearer one
     assert sweep.chosen_weight({1.0: None, 0.1: 30.0}, 1.0) == 0.1  # a diverged run never wins
     assert sweep.chosen_weight({1.0: None, 0.1: None}, 1.0) is None
+
+
+def test_a_best_weight_at_the_grids_end_widens_the_grid():
+    """--tune-widen: one step beyond the end where the best weight lies (the step: that end's ratio)."""
+    assert sweep.widened_weight({0.1: 65.0, 1.0: 60.0, 10.0: 20.0}, 1.0) == 0.01
+    assert sweep.widened_weight({0.1: 20.0, 1.0: 60.0, 10.0: 65.0}, 1.0) == 100.0
+    assert sweep.widened_weight({0.5: 20.0, 1.0: 60.0, 4.0: 65.0}, 1.0) == 16.0
+    assert sweep.widened_weight({0.9: 61.0, 0.09: 66.0, 9.0: 50.0}, 0.9) == 0.009  # rounded as the grid is
+    assert sweep.widened_weight({0.1: 60.0, 1.0: 65.0, 10.0: 20.0}, 1.0) is None  # the best inside
+    assert sweep.widened_weight({0.1: 60.0, 1.0: 65.0, 10.0: None}, 1.0) is None  # beyond 1, a run diverged
+    assert sweep.widened_weight({1.0: None, 0.1: None}, 1.0) is None
+    assert sweep.widened_weight({0.0: 60.0}, 0.0) is None  # one weight (FSP, AB: 0): no step
+
+
+def test_the_sweep_widens_the_grid_of_a_method_whose_best_weight_is_at_its_end(tmp_path):
+    """widen_grid adds, per method whose tuning runs all finished, the weight beyond its best end, and
+    its run's job; a method whose best lies inside, or one of whose runs failed, gets none."""
+    args = sweep_args("--methods", "rkd", "st", "at", "--seeds", 0, "--tune", 0.1, 10, "--tune-widen", 2,
+                      "--teacher-checkpoint", "teacher.pt", "--", "--val-split", 10)
+    grid, scores = {}, {"rkd": (64.0, 60.0, 20.0), "st": (50.0, 60.0, 30.0), "at": (30.0, 40.0, 50.0)}
+    for method, (low, default, high) in scores.items():
+        runs = {}
+        for weight, score in ((0.1, low), (1.0, default), (10.0, high)):
+            out = tmp_path / f"{method}-{weight}"
+            out.mkdir()
+            (out / "metrics.csv").write_text(f"epoch,val_top1\n1,\n2,{score}\n")
+            runs[weight] = (str(out), ["train_kd.py"])
+        grid[method] = (1.0, runs)
+    added = sweep.widen_grid(args, str(tmp_path), grid, failures=[str(tmp_path / "at-1.0")])
+    assert [os.path.basename(out) for out, _ in added] == ["rkd-kd-weight-0.01-resnet20-seed0"]
+    command = added[0][1]
+    assert command[command.index("--method") + 1] == "rkd" and command[command.index("--kd-weight") + 1] == "0.01"
+    assert sorted(grid["rkd"][1]) == [0.01, 0.1, 1.0, 10.0] and sorted(grid["st"][1]) == [0.1, 1.0, 10.0]
 
 
 def test_jobs_share_the_cpu_or_fill_each_gpu():
@@ -509,7 +547,8 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     assert "| 0,1,2 | 64.00 ± 1.00 |" in rows["rkd (kd weight 0.1, tuned)"] and "| +3.00 ± 0.82 |" in rows[
         "rkd (kd weight 0.1, tuned)"]
     assert "Best epochs were chosen on the validation images (val); the test images chose nothing." in text
-    assert "| rkd | 1 | 0.1: 62.00 (63.00) · 1: 44.00 (45.00) · 10: 21.00 (20.00) | 0.1 |" in text.replace("**", "")
+    assert ("| rkd | 1 | 0.1: 62.00 (63.00) · 1: 44.00 (45.00) · 10: 21.00 (20.00) | 0.1 (the smallest tried) |"
+            in text.replace("**", ""))  # the best may lie below the grid
     assert "**0.1**: 62.00 (63.00)" in text
     assert "| fsp | 0 | **0**: 60.00 (61.00) | 0 |" in text
     assert "also the best on the test images for 2 of 2 methods" in text  # fsp's single weight ranks nothing
@@ -519,7 +558,7 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
     # the summary: a line per method, default and tuned side by side, the larger gain first
     summary = text[text.index("| method | default weight | top-1 |"):].splitlines()[2:7]
     assert [line.split(" | ")[:7] for line in summary] == [
-        ["| rkd", "1", "46.00 ± 1.00", "-15.00 ± 0.82", "0.1", "64.00 ± 1.00", "+3.00 ± 0.82"],
+        ["| rkd", "1", "46.00 ± 1.00", "-15.00 ± 0.82", "0.1 (the smallest tried)", "64.00 ± 1.00", "+3.00 ± 0.82"],
         ["| mlkd (official recipe: lr 0.025)", "0.9", "58.00 ± 1.00", "+2.00 ± 0.82 (over baseline (lr 0.025))",
          "0.9 (the default)", "=", "="],
         ["| fsp", "0", "61.00 (1 seed)", "+0.00", "nothing to tune", "", ""],
