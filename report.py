@@ -30,7 +30,7 @@ the validation images, and how well the validation images' ranking agrees with t
 the chosen weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear
 there only.
 Plots (need matplotlib): gains.png, each method's gain over the baseline with its standard error,
-sorted; test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows
+sorted (a gain far below the others, a run that collapsed, at the axis's end with its value); test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows
 with the best last-epoch top-1.
 """
 import argparse
@@ -542,6 +542,15 @@ def gain_lines(table):
                   key=lambda line: max(row["gain"][0] for row in line[1].values()))
 
 
+def gain_axis_left(gains):
+    """The left end of gains.png's axis: down to the lowest gain, unless that lies beyond twice the
+    highest gain (at least 10 points) below zero; then there, rounded to 5 points, so that a run that
+    collapsed does not squeeze every other gain into a corner (it is drawn at the end, its gain
+    written beside it). None: the axis fits every gain."""
+    limit = -5 * math.ceil(max(10.0, 2 * max(gains)) / 5)
+    return limit if min(gains) < limit else None
+
+
 def plot(table, folder, curves=6):
     """Writes gains.png (when a row has a gain) and test_top1.png and train_loss.png (the baseline and
     the `curves` rows with the best last-epoch top-1); returns their paths."""
@@ -552,18 +561,25 @@ def plot(table, folder, curves=6):
     lines = gain_lines(table)
     if lines:
         fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * len(lines)))
+        left = gain_axis_left([row["gain"][0] for _, rows in lines for row in rows.values()])
         for y, (_, rows) in enumerate(lines):
             for role, row in rows.items():
-                ax.errorbar(row["gain"][0], y, xerr=row["gain"][1] or 0, fmt="none", ecolor="grey", capsize=3)
-                colour = "tab:green" if row["gain"][0] > 0 else "tab:red"
-                ax.scatter(row["gain"][0], y, zorder=3, s=36, marker="D" if role == "tuned" else "o",
-                           facecolors=colour if role == "tuned" else "white", edgecolors=colour,
-                           label="tuned KD weight" if role == "tuned" else "default KD weight")
+                gain, colour = row["gain"][0], "tab:green" if row["gain"][0] > 0 else "tab:red"
+                style = {"facecolors": colour if role == "tuned" else "white", "edgecolors": colour,
+                         "label": "tuned KD weight" if role == "tuned" else "default KD weight"}
+                if left is not None and gain < left:  # off the axis: at its end, with its gain
+                    ax.scatter(left, y, zorder=3, s=36, marker="<", **style)
+                    ax.annotate(f"{gain:+.1f}", (left, y), xytext=(6, -3), textcoords="offset points", fontsize=7)
+                    continue
+                ax.errorbar(gain, y, xerr=row["gain"][1] or 0, fmt="none", ecolor="grey", capsize=3)
+                ax.scatter(gain, y, zorder=3, s=36, marker="D" if role == "tuned" else "o", **style)
         handles = {label: handle for handle, label in zip(*ax.get_legend_handles_labels())}
         if "tuned KD weight" in handles:
             ax.legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
         ax.set_yticks(range(len(lines)), [label for label, _ in lines], fontsize=8)
         ax.axvline(0, color="black", linewidth=1)
+        if left is not None:
+            ax.set_xlim(left=left - 0.5)
         ax.set_xlabel("gain over the baseline, last-epoch test top-1 (points), ± standard error")
         ax.grid(axis="x", alpha=0.3)
         paths.append(os.path.join(folder, "gains.png"))

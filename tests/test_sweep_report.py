@@ -572,6 +572,16 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
         ("fsp", ["default"]), ("mlkd", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
 
 
+def test_a_collapsed_runs_gain_does_not_squeeze_the_others():
+    """gains.png's axis ends at twice the best gain (at least 10 points) below zero, in steps of 5, when
+    a gain lies beyond: that gain is drawn at the end, with its value."""
+    assert report.gain_axis_left([7.6, 0.4, -18.6, -55.7]) == -20
+    assert report.gain_axis_left([2.0, -9.0, -12.0]) == -10
+    assert report.gain_axis_left([12.0, -30.0]) == -25
+    assert report.gain_axis_left([7.6, -12.0]) is None  # every gain fits
+    assert report.gain_axis_left([-1.0, -3.0]) is None
+
+
 def test_wall_time_leaves_a_paused_epoch_out(tmp_path):
     """A run's wall time is its median epoch's time times its epochs (evaluated and other epochs
     apart): an epoch that a pause stretched (kill -STOP, a suspended laptop) does not count."""
