@@ -30,8 +30,9 @@ the validation images, and how well the validation images' ranking agrees with t
 the chosen weight's row is labelled 'tuned', and the tuning runs of the weights not chosen appear
 there only.
 Plots (need matplotlib): gains.png, each method's gain over the baseline with its standard error,
-sorted (a gain far below the others, a run that collapsed, at the axis's end with its value); test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows
-with the best last-epoch top-1.
+sorted (a gain far below the others, a run that collapsed, at the axis's end with its value);
+test_top1.png and train_loss.png, per epoch, mean over seeds, for the baseline and the rows with
+the best last-epoch top-1.
 """
 import argparse
 import csv
