@@ -15,11 +15,12 @@ its epochs and resumed when not; one made with other settings stops the sweep be
 anything (--rerun trains it again). The sweep locks its output root, and each run its folder, so
 two processes never train one folder; SIGINT and SIGTERM are passed on to the running runs, which
 stop resumable. A run that stopped because its weights or losses became non-finite (it leaves
-diverged.json) is not trained again. A method that trains with a recipe of its own (MLKD's LR)
-gets a baseline trained with that recipe too (baseline-lr-0.025-...), so that its row has a
-baseline to gain over. The teacher trains first (its last.pt teaches, not a best.pt
-that may have been chosen on the test set); the other runs then go one after another on one
-device, or on several GPUs at once (one run per GPU, --gpus). The KD runs that can read the
+diverged.json) is not trained again, nor counted as failed (the tuner scores it as diverged). A
+method that trains with a recipe of its own (MLKD's LR) gets a baseline trained with that recipe
+too (baseline-lr-0.025-...), so that its row has a baseline to gain over. The teacher trains
+first (its last.pt teaches, not a best.pt that may have been chosen on the test set); the other
+runs then go one after another on one device, or on several GPUs at once (one run per GPU,
+--gpus). The KD runs that can read the
 teacher cache go first, those that read the teacher's pooled vector before those that read its
 logits alone, so that the cache the first one builds (--teacher-cache) serves all the others; when
 several runs go at once, that first run goes alone (unless it resumes: its cache exists). --jobs N
@@ -257,7 +258,7 @@ def widen_grid(args, root, grid, failures):
         if any(out in failures for out, _ in runs.values()):
             continue
         weight = widened_weight({w: last_val_top1(out) for w, (out, _) in runs.items()}, default)
-        if weight is not None and weight not in runs:
+        if weight is not None:  # beyond the grid's end, so a weight not tried yet
             runs[weight] = kd_job(args, root, method, args.tune_seed, weight)
             print(f"widen  {method}: its best weight is at the end of its grid; trying kd weight {weight:g}",
                   flush=True)
@@ -412,7 +413,8 @@ class Runner:
         with self.lock:
             self.children.remove(child)
         if status != 0 and self.signum is None:
-            print(f"FAILED {out} (exit {status}); see {os.path.join(out, 'log.txt')}", flush=True)
+            outcome = "FAILED" if failed(out, status) else "DIVERGED"
+            print(f"{outcome} {out} (exit {status}); see {os.path.join(out, 'log.txt')}", flush=True)
         return status
 
 
@@ -545,7 +547,7 @@ def run_all(runner, todo, slots, methods, cache):
     if len(slots) > 1 and cache and first_method and not METHODS[first_method].teacher_cache_refusal() and \
             todo and builds_cache(todo[0], first_method):
         job = queue.get_nowait()
-        if runner.run(*job, slots[0][0]) not in (0, None):  # with every thread: it runs alone
+        if failed(job[0], runner.run(*job, slots[0][0])):  # with every thread: it runs alone
             failures.append(job[0])
 
     def worker(slot):
@@ -554,8 +556,7 @@ def run_all(runner, todo, slots, methods, cache):
                 job = queue.get_nowait()
             except Empty:
                 return
-            status = runner.run(*job, *slot)
-            if status not in (0, None):
+            if failed(job[0], runner.run(*job, *slot)):
                 failures.append(job[0])
     threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
     for thread in threads:
@@ -563,6 +564,13 @@ def run_all(runner, todo, slots, methods, cache):
     for thread in threads:
         thread.join()
     return failures
+
+
+def failed(out, status):
+    """Whether the run in `out` that ended with exit `status` failed: a run that stopped on non-finite
+    values (diverged.json) did not; it is done, as a rerun of the sweep would find it, and the tuner
+    scores it as diverged."""
+    return status not in (0, None) and not os.path.exists(os.path.join(out, DIVERGED))
 
 
 def stop(runner, failure=None):

@@ -467,6 +467,22 @@ def test_jobs_share_the_cpu_or_fill_each_gpu():
     assert sweep.run_slots([0, 1], 2, 16) == [(0, None), (0, None), (1, None), (1, None)]
 
 
+def test_a_run_that_diverged_is_done_not_failed(tmp_path):
+    """A run that stopped on non-finite values (exit 2, diverged.json) does not fail the sweep, nor keep
+    its method from being tuned: the tuner scores it as diverged; any other non-zero exit fails."""
+    class ExitingRunner(RecordingRunner):
+        def run(self, out, command, resume, gpu=None, threads=None):
+            super().run(out, command, resume, gpu, threads)
+            return 2
+    diverged, broken = tmp_path / "st-kd-weight-10-seed0", tmp_path / "st-kd-weight-0.1-seed0"
+    for out in (diverged, broken):
+        out.mkdir()
+    (diverged / "diverged.json").write_text('{"epoch": 1, "message": "..."}')
+    todo = [(str(out), ["train_kd.py", "--method", "st"], False) for out in (diverged, broken)]
+    assert sweep.run_all(ExitingRunner(), todo, [(None, None)], ["st"], cache=False) == [str(broken)]
+    assert sweep.last_val_top1(str(diverged)) is None
+
+
 class RecordingRunner:
     signum = None
 
