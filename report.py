@@ -17,7 +17,8 @@ itself, and the column says which), the gain of the last-epoch mean over the bas
 settings, the published number where there is one (marked as not comparable unless the row has the
 settings it was trained with, for at least as many epochs), and the mean wall time per run (its
 median epoch's time times its epochs, evaluated epochs and the others apart: a paused epoch does
-not count; stages and the teacher cache's build are left out).
+not count; stages and the teacher cache's build are left out). The report ends with the number of
+runs read, tuning runs included, and their training time in all, measured so.
 Standard deviations are sample ones (n - 1); a gain's ± is its standard error,
 sqrt(s^2/n + s_baseline^2/n_baseline). A run that stopped on non-finite values (diverged.json) is
 counted in its row's note; one that stopped on an error (its log.txt, which a sweep's runs write,
@@ -525,6 +526,13 @@ def markdown(table, failed=()):
     return "\n".join(lines) + "\n"
 
 
+def training_time_line(runs):
+    """The training time of every run read (tuning runs and duplicates too): what the report cost."""
+    hours = sum(run["seconds"] for run in runs) / 3600
+    return (f"In all: {len(runs)} runs, {hours:.1f} hours of training (the sum of their wall times, "
+            f"measured as in the table).\n")
+
+
 def gain_lines(table):
     """[(label, {role: row})] for gains.png, sorted by the larger gain: a tuned method's default-weight
     and tuned rows share its line; any other row with a gain has a line of its own."""
@@ -628,6 +636,7 @@ def main():
     if tuning:
         text += "\n" + method_summary_markdown(table, failed, tuning)
         text += "\n" + tuning_markdown(tuning_rows(runs, tuning, args.runs), tuning)
+    text += "\n" + training_time_line(runs)
     output = args.output or os.path.join(args.runs, "report.md")
     with open(output, "w") as f:
         f.write(text)

@@ -151,7 +151,8 @@ def test_published_numbers_are_per_pair():
 def test_report_command_writes_markdown_and_plots(runs):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), runs], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert os.path.exists(os.path.join(runs, "report.md"))
+    with open(os.path.join(runs, "report.md")) as f:
+        assert f.read().splitlines()[-1].startswith("In all: ")
     try:
         import matplotlib  # noqa: F401
         assert os.path.getsize(os.path.join(runs, "test_top1.png")) > 1000
@@ -607,6 +608,9 @@ def test_wall_time_leaves_a_paused_epoch_out(tmp_path):
     fake_run(tmp_path, "sparse", "cifar10", "baseline", "resnet20", 1, ["", "", 50, "", 60],
              seconds=[10.0, 11.0, 20.0, 900.0, 22.0])
     assert {run["folder"][-6:]: run["seconds"] for run in report.read_runs(str(tmp_path))}["sparse"] == 75.0
+    # the report's last line: every run read, and their wall times summed
+    assert report.training_time_line([{"seconds": 5400.0}, {"seconds": 1800.0}, {"seconds": 180.0}]) == \
+        "In all: 3 runs, 2.0 hours of training (the sum of their wall times, measured as in the table).\n"
 
 
 def test_spearman_rank_correlation():
