@@ -337,12 +337,12 @@ def saved_state(out, requested):
     """What `out` holds against the requested identity: ('new', None) when it holds no run yet,
     ('complete', 'resume' or 'diverged', None) when its run has that identity (all epochs done, not, or
     stopped on non-finite values), or ('differs', the settings that differ, in words)."""
-    if not holds_run(out):
+    diverged = os.path.exists(os.path.join(out, DIVERGED))
+    if not holds_run(out) and not diverged:  # one that diverged in its first epoch saved no epoch
         return "new", None
     try:
         with open(os.path.join(out, "args.json")) as f:
             saved = config.run_identity(json.load(f))
-        diverged = os.path.exists(os.path.join(out, DIVERGED))
         rows = 0
         if not diverged:
             with open(os.path.join(out, "metrics.csv")) as f:

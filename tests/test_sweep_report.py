@@ -330,6 +330,14 @@ def test_the_sweep_compares_a_folders_run_with_the_requested_settings(cifar10_ro
     with open(os.path.join(out, "diverged.json"), "w") as f:
         json.dump({"epoch": 1, "message": "..."}, f)
     assert state() == ("diverged", None)  # not trained again
+    first_epoch = tmp_path / "diverged-in-epoch-1"  # it saved no epoch: its args.json and diverged.json alone
+    os.makedirs(first_epoch)
+    for name in ("args.json", "diverged.json"):
+        shutil.copy(os.path.join(out, name), first_epoch)
+    assert sweep.saved_state(str(first_epoch), sweep.requested_identity(command(), str(first_epoch))) == (
+        "diverged", None)
+    assert sweep.saved_state(str(first_epoch), sweep.requested_identity(command(cifar10_root, "--lr", 0.02),
+                                                                        str(first_epoch)))[0] == "differs"
     os.remove(os.path.join(out, "diverged.json"))
     os.remove(os.path.join(out, "last.pt"))
     assert state() == ("resume", None)
