@@ -27,8 +27,9 @@ enough to tell: the whole experiment, from the official CIFAR-10 files to the re
    factors' weights on the first seed, one step further where the best is at the grid's end, up
    to --tune-widen times, and the best on every seed). --jobs runs that many at once.
 4. report.py on the sweep (tables and plots: test top-1 is top-1 on the 10,000 evaluation images),
-   and every reported run's last and best checkpoints evaluated on the official test images
-   (WORK/sweep/official_test.md). --publish copies the reports and the plots to a folder.
+   and every reported run's last and best checkpoints evaluated on the official test images, with the
+   gains there and how their ranking agrees with the report's (WORK/sweep/official_test.md).
+   --publish copies the reports and the plots to a folder.
 Steps whose outputs exist are skipped (the sweep resumes), so rerunning finishes an interrupted
 experiment.
 """
@@ -39,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -150,25 +150,32 @@ def run(*command):
 
 
 def official_test(sweep, official_root, device):
-    """Every run's last.pt and best.pt on the official test images: WORK/sweep/official_test.md."""
+    """Every run's last.pt and best.pt on the official test images, and how the ranking there agrees
+    with the report's (on the evaluation images): WORK/sweep/official_test.md."""
     train_x, train_y, test_x, test_y = load_cifar("cifar10", official_root, download=False)
     loader = DeviceLoader(test_x.to(device), test_y.to(device), 500, SPEC.mean, SPEC.std, train=False)
-    results = defaultdict(lambda: {"last": [], "best": []})
     runs = report.read_runs(sweep)
     tuning = report.read_tuning(sweep)
     if tuning:
         report.apply_tuning(runs, tuning)
-    for row in report.summarise(runs):  # the report's rows, labelled as it labels them
-        for run in row["runs"]:
-            for which in ("last", "best"):
-                model = load_predictor(os.path.join(run["folder"], f"{which}.pt"), device)
-                results[row["label"]][which].append(evaluate(model, loader)["top1"])
+    rows = report.summarise(runs)  # the report's rows, labelled as it labels them
+    results = {row["label"]: {which: [evaluate(load_predictor(os.path.join(run["folder"], f"{which}.pt"), device),
+                                               loader)["top1"] for run in row["runs"]]
+                              for which in ("last", "best")} for row in rows}
     lines = [f"Test top-1 (%) on the {len(test_y):,} official CIFAR-10 test images, mean ± std over seeds "
-             f"(the students' best epoch chosen on the validation images):", "",
-             "| run | seeds | last epoch | best epoch |", "|---|---|---|---|"]
-    for method, by in results.items():
-        cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}" for v in by.values()]
-        lines.append(f"| {method} | {len(by['last'])} | {cells[0]} | {cells[1]} |")
+             f"(the students' best epoch chosen on the validation images), and the last epoch's gain over "
+             f"the row's baseline:", "",
+             "| run | seeds | last epoch | gain | best epoch |", "|---|---|---|---|---|"]
+    for row in rows:
+        by, baseline = results[row["label"]], results.get(row["baseline"])
+        last, best = ([statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None] for v in by.values())
+        gain = "–" if baseline is None else f"{last[0] - statistics.mean(baseline['last']):+.2f}"
+        lines.append(f"| {row['label']} | {len(by['last'])} | {report.fmt(*last)} | {gain} | {report.fmt(*best)} |")
+    rho = report.spearman([statistics.mean(results[row["label"]]["last"]) for row in rows],
+                          [row["last"][0] for row in rows])
+    if rho is not None:
+        lines += ["", f"Agreement with the report's ranking (last epoch, on the evaluation images): Spearman's "
+                      f"rank correlation of the two means over these {len(rows)} rows: {rho:.2f}."]
     path = os.path.join(sweep, "official_test.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -291,7 +292,9 @@ def test_the_evidence_experiment_runs_end_to_end(cifar10_root, tmp_path):
     assert "KD weights tuned on validation images" in text and "| st | " in text and "| at | " in text
     official = open(work / "sweep" / "official_test.md").read()
     assert f"on the {len(official_x)} official CIFAR-10 test images" in official
-    assert "| st (batch size 20) | 2 |" in official and "| baseline (batch size 20) | 2 |" in official
+    assert "| run | seeds | last epoch | gain | best epoch |" in official
+    assert re.search(r"\| baseline \(batch size 20\) \| 2 \| [\d.]+ ± [\d.]+ \| – \|", official)
+    assert re.search(r"\| st \(batch size 20\) \| 2 \| [\d.]+ ± [\d.]+ \| [+-][\d.]+ \|", official)
     assert sorted(os.listdir(tmp_path / "published")) == sorted(
         ["official_test.md", "report.md"] + [p for p in ("gains.png", "test_top1.png", "train_loss.png")
                                             if os.path.exists(work / "sweep" / p)])
