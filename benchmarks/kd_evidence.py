@@ -159,16 +159,18 @@ def official_test(sweep, official_root, device):
     if tuning:
         report.apply_tuning(runs, tuning)
     rows = report.summarise(runs)  # the report's rows, labelled as it labels them
-    results = {row["label"]: {which: [evaluate(load_predictor(os.path.join(run["folder"], f"{which}.pt"), device),
-                                               loader)["top1"] for run in row["runs"]]
-                              for which in ("last", "best")} for row in rows}
+
+    def top1(run, which):
+        return evaluate(load_predictor(os.path.join(run["folder"], f"{which}.pt"), device), loader)["top1"]
+    results = {row["label"]: {which: [top1(run, which) for run in row["runs"]] for which in ("last", "best")}
+               for row in rows}
     lines = [f"Test top-1 (%) on the {len(test_y):,} official CIFAR-10 test images, mean ± std over seeds "
              f"(the students' best epoch chosen on the validation images), and the last epoch's gain over "
              f"the row's baseline:", "",
              "| run | seeds | last epoch | gain | best epoch |", "|---|---|---|---|---|"]
     for row in rows:
         by, baseline = results[row["label"]], results.get(row["baseline"])
-        last, best = ([statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None] for v in by.values())
+        last, best = report.mean_std(by["last"]), report.mean_std(by["best"])
         gain = "–" if baseline is None else f"{last[0] - statistics.mean(baseline['last']):+.2f}"
         lines.append(f"| {row['label']} | {len(by['last'])} | {report.fmt(*last)} | {gain} | {report.fmt(*best)} |")
     rho = report.spearman([statistics.mean(results[row["label"]]["last"]) for row in rows],
