@@ -450,6 +450,7 @@ def method_summary_markdown(table, failed, tuning):
         if row is None:
             return "not run", "–"
         note = "" if len(row["seeds"]) == seeds else f" ({len(row['seeds'])} seed{'s' * (len(row['seeds']) > 1)})"
+        note += f" ({row['incomplete']} incomplete)" if row["incomplete"] else ""  # a report made mid-sweep
         gain = "–" if row["gain"] is None else f"{row['gain'][0]:+.2f}" + \
             ("" if row["gain"][1] is None else f" ± {row['gain'][1]:.2f}")
         if row["gain"] is not None and (baseline is None or row["baseline"] != baseline["label"]):

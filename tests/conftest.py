@@ -1,7 +1,7 @@
 """Fixtures: tiny CIFAR-10 and CIFAR-100 folders in the official python layout, written to a
 temporary directory (no network, no ../shared), and helpers to run the scripts as a user would."""
 import contextlib
-import importlib
+import importlib.util
 import io
 import os
 import pickle
@@ -139,6 +139,14 @@ def resolved_settings(method, teacher, student, **typed):
     import config
     values = {"method": method, "teacher_arch": teacher, "model": student, "dataset": "cifar100", "kd_weight": None}
     return config.method_values(values, typed, new_run=True)
+
+
+def load_make_docs():
+    """docs/make_docs.py as a module (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_docs", os.path.join(ROOT, "docs", "make_docs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_user_error(proc, *fragments):

@@ -1,21 +1,13 @@
 """docs/methods.md is generated from the method registry and docs/published.csv; these tests keep the
 three in step (no training, no data)."""
-import importlib.util
 import os
 
 import pytest
 
 import report
-from conftest import ROOT
+from conftest import ROOT, load_make_docs
 from kd_losses import METHODS
 from models import MODELS
-
-
-def load_make_docs():
-    spec = importlib.util.spec_from_file_location("make_docs", os.path.join(ROOT, "docs", "make_docs.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_methods_md_is_up_to_date():

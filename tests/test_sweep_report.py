@@ -11,7 +11,7 @@ import pytest
 import data
 import report
 import sweep
-from conftest import DEVICE, ROOT, assert_user_error, make_cifar10, run_script
+from conftest import DEVICE, ROOT, assert_user_error, load_make_docs, make_cifar10, run_script
 from data import load_cifar
 
 
@@ -593,11 +593,30 @@ def test_the_report_gives_default_and_tuned_rows_and_the_tuning_runs(tmp_path):
         ["| bss", "–", "error: The teacher ... cannot teach.", "", "", "", ""],
         ["| ofd", "–", "error: epoch 1 ended with non-finite weights.", "", "", "", ""]]
     assert "over the baseline (61.00 ± 1.00)" in text
+    # README's table of the published experiment comes from this summary (docs/make_docs.py)
+    minutes = [line.rsplit(" | ", 1)[1].split()[0] for line in summary]
+    assert load_make_docs().evidence_table(str(tmp_path / "report.md")).splitlines()[2:] == [
+        f"| rkd | 1 → 0.1* | -15.00 ± 0.82 | +3.00 ± 0.82 | {minutes[0]} |",
+        f"| mlkd (official recipe: lr 0.025) | 0.9 | +2.00 ± 0.82 (over baseline (lr 0.025)) | = | {minutes[1]} |",
+        f"| fsp | 0 | +0.00 | nothing to tune | {minutes[2]} |",
+        "| bss | – | error: The teacher ... cannot teach. | | |",
+        "| ofd | – | error: epoch 1 ended with non-finite weights. | | |"]
     runs = report.read_runs(str(tmp_path))
     report.apply_tuning(runs, report.read_tuning(str(tmp_path)))
     # gains.png: a line per method, its default and tuned rows on it, the larger gain last (at the top)
     assert [(label, sorted(rows)) for label, rows in report.gain_lines(report.summarise(runs))] == [
         ("fsp", ["default"]), ("mlkd", ["default"]), ("rkd (tuned: kd weight 0.1)", ["default", "tuned"])]
+    # a report made mid-sweep: a tuned run still training is marked in the summary and in README's table
+    metrics = tmp_path / "rkd-0.1-2" / "metrics.csv"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:2]))  # its first epoch only
+    subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), str(tmp_path), "--no-plots"], cwd=ROOT,
+                   capture_output=True, check=True)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0.1 (the smallest tried) | 55.67 ± 13.58 (1 incomplete) | -5.33 ± " in text
+    readme_row = next(line for line in load_make_docs().evidence_table(str(tmp_path / "report.md")).splitlines()
+                      if line.startswith("| rkd |"))
+    assert readme_row.startswith("| rkd | 1 → 0.1* | -15.00 ± 0.82 | -5.33 ± ")
+    assert readme_row.endswith(" (runs incomplete) | " + minutes[0] + " |")
 
 
 def test_a_collapsed_runs_gain_does_not_squeeze_the_others():
